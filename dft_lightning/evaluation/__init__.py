@@ -1,0 +1,1 @@
+"""Evaluation: engines, benchmarks, graders and metrics (graders are pure Python, no torch)."""

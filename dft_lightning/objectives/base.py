@@ -1,0 +1,118 @@
+"""The objective interface: per-token statistics in, a loss and diagnostics out.
+
+An objective is a plain class. It never sees logits: the module computes the statistics an
+objective declares in ``requires`` (chunked over the sequence, see ``dft_lightning.tokens``) and
+hands them over as a :class:`TokenStats`. This keeps every objective on the memory-lean path and
+makes a new objective a few lines of torch.
+
+Normalisation contract: ``TokenStats.num_tokens`` is the number of supervised tokens in the whole
+optimizer step (all micro-batches, all data-parallel ranks). An objective divides its summed
+per-token loss by it (``TokenStats.token_sum``), so the gradients of the micro-batches of one step
+add up to the gradient of the step's mean loss, whatever the micro-batch size, accumulation or
+number of GPUs.
+
+Metric contract: ``ObjectiveOutput.metrics`` holds scalars for this micro-batch, each a mean over
+its supervised tokens; the module averages them over micro-batches and ranks weighted by
+supervised tokens. Keys ending in ``_max`` / ``_min`` are reduced by max / min instead.
+
+Not handled here: computing the statistics (``dft_lightning.tokens``), reference models
+(``dft_lightning.module``), logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: Statistics an objective may request through ``requires``.
+KNOWN_REQUIREMENTS = frozenset({"reference", "entropy"})
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of one micro-batch; tensors are ``[batch, time]`` unless noted.
+
+    Attributes:
+        logp: log-probability of each target token under the policy (differentiable).
+        mask: bool, True where the target token is supervised (assistant tokens, not prompt/pad).
+        sequence: int, index of the sequence each token belongs to within the micro-batch
+            (``-1`` for padding); several sequences share a row when rows are packed.
+        num_tokens: scalar, supervised tokens in the whole optimizer step, all ranks.
+        ref_logp: log-probability under the reference model (no gradient), when requested.
+        entropy: entropy of the policy's next-token distribution (differentiable), when requested.
+    """
+
+    logp: Tensor
+    mask: Tensor
+    sequence: Tensor
+    num_tokens: Tensor
+    ref_logp: Tensor | None = None
+    entropy: Tensor | None = None
+
+    def token_sum(self, per_token: Tensor) -> Tensor:
+        """Sum ``per_token`` over supervised tokens and divide by the step's token count.
+
+        Uses ``torch.where`` rather than a multiplication so that a non-finite value at a masked
+        position (``0 * inf``) cannot turn the loss into NaN.
+        """
+        return torch.where(self.mask, per_token, torch.zeros_like(per_token)).sum() / self.num_tokens
+
+    def token_mean(self, per_token: Tensor) -> Tensor:
+        """Mean of ``per_token`` over this micro-batch's supervised tokens (for metrics)."""
+        count = self.mask.sum().clamp_min(1)
+        return torch.where(self.mask, per_token, torch.zeros_like(per_token)).sum() / count
+
+    def num_sequences(self) -> int:
+        """Number of sequences in this micro-batch (max sequence id + 1)."""
+        return int(self.sequence.max().item()) + 1 if self.sequence.numel() else 0
+
+    def sequence_sum(self, per_token: Tensor) -> Tensor:
+        """Sum ``per_token`` over the supervised tokens of each sequence: ``[num_sequences]``."""
+        n = self.num_sequences()
+        valid = self.mask & (self.sequence >= 0)
+        values = torch.where(valid, per_token, torch.zeros_like(per_token))
+        index = torch.where(valid, self.sequence, torch.zeros_like(self.sequence))
+        out = torch.zeros(n, dtype=per_token.dtype, device=per_token.device)
+        return out.index_add(0, index.reshape(-1), values.reshape(-1))
+
+    def sequence_token_counts(self) -> Tensor:
+        """Supervised tokens in each sequence: ``[num_sequences]`` (in ``logp``'s dtype)."""
+        return self.sequence_sum(torch.ones_like(self.logp))
+
+    def nll(self) -> Tensor:
+        """Plain negative log-likelihood per token (``-logp``)."""
+        return -self.logp
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns.
+
+    Attributes:
+        loss: the scalar that ``backward()`` sees (already normalised by ``num_tokens``).
+        metrics: per-micro-batch diagnostics (see the module docstring for how they reduce).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class of training objectives.
+
+    Subclasses set ``requires`` to the extra statistics they need (a subset of
+    ``KNOWN_REQUIREMENTS``) and implement ``__call__``. Constructor arguments become YAML keys under
+    ``model.objective.init_args``. Any class with this shape works, also one defined outside the
+    package: name it by its import path in ``model.objective.class_path``.
+    """
+
+    requires: frozenset[str] = frozenset()
+
+    def __call__(self, stats: TokenStats) -> ObjectiveOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
