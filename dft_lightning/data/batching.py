@@ -1,0 +1,114 @@
+"""Optimizer-step batches: each loader item is this rank's share of one global batch, as micro-batches.
+
+``StepBatchSampler`` draws ``global_batch_size`` rows per optimizer step (shuffled per epoch with a
+seed), gives every data-parallel rank an equal share, and ``collate_steps`` splits a share into
+micro-batches of at most ``micro_batch_size`` rows, grouped by length within the step so padding
+stays low. Because one loader item is one optimizer step, the module knows the step's supervised
+token count before the first backward and normalises the loss exactly (see
+``dft_lightning.objectives.base``), and every rank runs the same number of forward/backward passes.
+
+For evaluation (``drop_last=False``) the last step is filled up with masked repeats of real rows
+(their labels are all ignored), so ranks stay in lock-step without counting any row twice.
+
+Not handled here: packing several records into one row (a later batching mode).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from dft_lightning.data.chat import IGNORE_INDEX
+
+
+class StepBatchSampler:
+    """Yields, per optimizer step, the row indices of this rank's share (negative = masked filler)."""
+
+    def __init__(
+        self, num_rows: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+        seed: int = 0, drop_last: bool = True,
+    ) -> None:
+        if global_batch_size % world_size:
+            raise ValueError(f"batch size {global_batch_size} is not divisible by {world_size} data-parallel ranks")
+        self.num_rows, self.global_batch_size = num_rows, global_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        steps = self.num_rows / self.global_batch_size
+        return math.floor(steps) if self.drop_last else math.ceil(steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.num_rows))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        share = self.global_batch_size // self.world_size
+        for step in range(len(self)):
+            rows = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+            mine = rows[self.rank :: self.world_size]
+            # Filler rows keep every rank at the same number of micro-batches; their labels are masked.
+            filler = [-(rows[i % len(rows)] + 1) for i in range(share - len(mine))]
+            yield mine + filler
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Tokenised rows; a negative index ``-(i + 1)`` returns row ``i`` with every label masked."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index >= 0:
+            return self.rows[index]
+        row = self.rows[-index - 1]
+        return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "row_id": None}
+
+
+def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad rows into tensors: input_ids, labels, attention_mask, sequence_ids, row_ids."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    sequence = torch.full((batch, width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attention[i, :n] = 1
+        sequence[i, :n] = i
+    return {
+        "input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_ids": sequence,
+        "row_ids": [r.get("row_id") for r in rows],
+    }
+
+
+class StepCollator:
+    """Turns one step's rows into a list of padded micro-batches, grouped by length."""
+
+    def __init__(self, micro_batch_size: int, pad_id: int) -> None:
+        self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ordered = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
+        size = self.micro_batch_size
+        return [pad_rows(ordered[i : i + size], self.pad_id) for i in range(0, len(ordered), size)]
+
+
+def padding_efficiency(micro_batches: Sequence[dict[str, Any]]) -> float:
+    """Real tokens / (rows x padded width) over a step's micro-batches."""
+    real = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    total = sum(mb["attention_mask"].numel() for mb in micro_batches)
+    return real / max(total, 1)

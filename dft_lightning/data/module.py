@@ -1,0 +1,202 @@
+"""``ChatDataModule``: the shared chat-SFT data path (sources -> records -> tokens -> step batches).
+
+Domain modules (math, code, multimodal) subclass it and only change how raw rows become chats. At
+``setup`` each split is read, converted, tokenised and reported (``DataReport``): rows read, kept,
+truncated, dropped by reason with example row ids, token-length percentiles, supervised tokens.
+``strict: true`` turns the first drop into an error naming the row. A field missing from every row
+is a config mistake and raises at once, naming the field and the fields the rows do have.
+
+Not handled here: caching tokenised data between runs, sharding the tokenisation across ranks.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from dft_lightning.data.batching import StepBatchSampler, StepCollator, StepDataset
+from dft_lightning.data.chat import ChatEncoder, DataReport, DropRow, FieldMap, to_messages
+from dft_lightning.data.sources import MALFORMED, iter_rows
+from dft_lightning.errors import DataError
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Chat-SFT data from local json/jsonl/parquet files or a hub dataset.
+
+    Args:
+        train: training data: a file, a directory of files, or a hub dataset id.
+        val: validation data, same forms; optional.
+        test: data for the ``test`` command (default: the validation data).
+        tokenizer: tokenizer spec; linked from ``model.pretrained`` by the CLI.
+        split: hub split of ``train``.
+        val_split: hub split of ``val``.
+        subset: hub configuration name.
+        val_fraction: when ``val`` is not given, hold out this fraction of training rows.
+        fields: which row fields hold ``messages`` or ``prompt`` + ``response``.
+        system_prompt: system message prepended to every chat without one.
+        prompt_template: format string for the user turn built from the prompt field (``{prompt}``).
+        max_length: maximum tokens per row.
+        overlong: ``drop`` rows over ``max_length`` or ``truncate`` them (both counted).
+        batch_size: rows per optimizer step, across all devices (the paper uses 256).
+        micro_batch_size: rows per forward/backward pass on one device; accumulation follows.
+        max_samples: sample this many training rows at random (with ``seed``) before conversion.
+        seed: sampling and shuffling seed.
+        strict: raise on the first dropped row instead of counting it.
+        num_workers: data loader worker processes.
+    """
+
+    def __init__(
+        self, train: str, val: str | None = None, test: str | None = None, tokenizer: str | None = None,
+        split: str = "train",
+        val_split: str = "test", subset: str | None = None, val_fraction: float = 0.0,
+        fields: FieldMap | None = None, system_prompt: str | None = None, prompt_template: str = "{prompt}",
+        max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
+        micro_batch_size: int = 4, max_samples: int | None = None, seed: int = 42, strict: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if micro_batch_size < 1 or batch_size < 1:
+            raise DataError("data.batch_size and data.micro_batch_size must be positive")
+        if "{prompt}" not in prompt_template:
+            raise DataError(f"data.prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        self.train, self.val, self.test, self.tokenizer_spec = train, val, test, tokenizer
+        self.split, self.val_split, self.subset = split, val_split, subset
+        self.val_fraction = val_fraction
+        self.fields = fields or FieldMap()
+        self.system_prompt, self.prompt_template = system_prompt, prompt_template
+        self.max_length, self.overlong = max_length, overlong
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.max_samples, self.seed, self.strict, self.num_workers = max_samples, seed, strict, num_workers
+        self.tokenizer: Any = None
+        self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self.reports: dict[str, DataReport] = {}
+
+    # -- conversion -------------------------------------------------------------------------
+    def row_to_messages(self, row: Any) -> list[dict[str, str]]:
+        """Raw row -> chat messages; domain modules override this. Raise ``DropRow`` to drop."""
+        return to_messages(row, self.fields, system_prompt=self.system_prompt, prompt_template=self.prompt_template)
+
+    def load_tokenizer(self) -> Any:
+        from dft_lightning.modeling import load_tokenizer
+
+        if self.tokenizer_spec is None:
+            raise DataError("data.tokenizer is not set (the CLI links it from model.pretrained)")
+        return load_tokenizer(self.tokenizer_spec)
+
+    def build(self, source: str, key: str, split: str, *, sample: int | None = None) -> tuple[list[dict], DataReport]:
+        """Read, convert and tokenise one source; returns the rows and their report."""
+        report = DataReport(split=key.split(".")[-1])
+        raw = list(iter_rows(source, key=key, split=split, name=self.subset))
+        report.read = len(raw)
+        if sample is not None and sample < len(raw):
+            raw = [raw[i] for i in sorted(random.Random(self.seed).sample(range(len(raw)), sample))]
+            report.read = len(raw)
+        encoder = ChatEncoder(self.tokenizer, self.max_length, self.overlong)
+        rows: list[dict[str, Any]] = []
+        for row_id, row in _progress(raw, f"tokenising {key}"):
+            try:
+                if row is MALFORMED:
+                    raise DropRow("malformed_json")
+                ids, labels, truncated = encoder.encode(self.row_to_messages(row))
+            except DropRow as drop:
+                if self.strict:
+                    detail = f" ({drop.detail})" if drop.detail else ""
+                    message = f"{key}: row {row_id} dropped: {drop.reason}{detail} (data.strict is true)"
+                    raise DataError(message) from None
+                report.drop(row_id, drop.reason, drop.detail)
+                continue
+            report.truncated += truncated
+            prompt_len = next((i for i, t in enumerate(labels) if t != -100), len(labels))
+            report.prompt_lengths.append(prompt_len)
+            report.response_lengths.append(sum(t != -100 for t in labels[1:]))
+            rows.append({"input_ids": ids, "labels": labels, "row_id": row_id})
+        report.kept = len(rows)
+        self._check_schema(raw, report, source, key)
+        return rows, report
+
+    def _check_schema(self, raw: list, report: DataReport, source: str, key: str) -> None:
+        if report.read and report.dropped.get("missing_field", 0) == report.read:
+            first = next((r for _, r in raw if isinstance(r, dict)), {})
+            raise DataError(
+                f"{key}={source}: {report.details['missing_field']} missing in all {report.read} rows "
+                f"(row fields: {', '.join(sorted(first)) or 'none'}); set data.fields "
+                f"(now {asdict(self.fields)})"
+            )
+        if report.kept == 0:
+            reasons = ", ".join(f"{r}: {n} (e.g. {self_examples})" for r, n, self_examples in
+                                ((r, n, ", ".join(report.examples[r][:3])) for r, n in report.dropped.items()))
+            raise DataError(f"{key}={source}: no usable rows: {report.read} read, all dropped ({reasons or 'empty'})")
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.tokenizer = self.load_tokenizer()
+        rows, report = self.build(self.train, "data.train", self.split, sample=self.max_samples)
+        if self.val is not None:
+            val_rows, val_report = self.build(self.val, "data.val", self.val_split)
+            self.datasets["val"], self.reports["val"] = val_rows, val_report
+        elif self.val_fraction > 0:
+            order = list(range(len(rows)))
+            random.Random(self.seed + 1).shuffle(order)
+            n_val = max(1, int(len(rows) * self.val_fraction))
+            held = set(order[:n_val])
+            self.datasets["val"] = [r for i, r in enumerate(rows) if i in held]
+            rows = [r for i, r in enumerate(rows) if i not in held]
+        if self.test is not None:
+            self.datasets["test"], self.reports["test"] = self.build(self.test, "data.test", self.val_split)
+        self.datasets["train"], self.reports["train"] = rows, report
+        for rep in self.reports.values():
+            rank_zero_info(rep.summary())
+        if len(rows) < self.batch_size and stage in (None, "fit"):
+            raise DataError(
+                f"data.batch_size={self.batch_size} but only {len(rows)} training rows are usable; "
+                "lower data.batch_size or add data"
+            )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, name: str, *, shuffle: bool, drop_last: bool, global_batch: int) -> DataLoader:
+        rank, world = self._world()
+        sampler = StepBatchSampler(
+            len(self.datasets[name]), global_batch, rank=rank, world_size=world, shuffle=shuffle, seed=self.seed,
+            drop_last=drop_last,
+        )
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            StepDataset(self.datasets[name]), batch_sampler=sampler,
+            collate_fn=StepCollator(self.micro_batch_size, pad), num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=True, global_batch=self.batch_size)
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        _, world = self._world()
+        return self._loader(name, shuffle=False, drop_last=False, global_batch=self.micro_batch_size * world)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        name = "test" if "test" in self.datasets else "val"
+        if name not in self.datasets:
+            raise DataError("the test command needs data.test (or data.val / data.val_fraction)")
+        return self._eval_loader(name)
+
+
+def _progress(items: list, description: str):
+    """Iterate with a progress bar on long inputs (rank zero, interactive or not)."""
+    if len(items) < 2000:
+        return items
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, disable=rank_zero_only.rank != 0, mininterval=2.0)
