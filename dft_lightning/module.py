@@ -1,0 +1,355 @@
+"""``FineTuneModule``: a causal LM, a training objective, AdamW with warm-up + cosine decay.
+
+One training step is one optimizer step: the loader yields this rank's micro-batches of the step
+(``dft_lightning.data.batching``), the module counts the step's supervised tokens across ranks,
+runs forward/backward per micro-batch with the loss divided by that count (and multiplied by the
+number of data-parallel ranks, which average gradients), clips, steps and logs. Gradient
+synchronisation is skipped for all but the last micro-batch (DDP ``no_sync``, FSDP2
+``set_requires_gradient_sync``). Micro-batch size, accumulation and GPU count therefore do not
+change the update.
+
+Logged per step: ``train/loss`` (the objective), ``train/nll`` (plain NLL, same scale for every
+objective), ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s`` (supervised), token and
+padding counts, and the objective's own diagnostics.
+
+Not handled here: fp16 with loss scaling (use bf16), tensor parallelism, packing-aware attention.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from dft_lightning import modeling
+from dft_lightning.errors import UserError
+from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats
+
+
+class FineTuneModule(L.LightningModule):
+    """Fine-tune a causal LM with a pluggable objective.
+
+    Args:
+        pretrained: hub id, local HF directory, GGUF file, ``pkg:<package>/<file>.gguf`` or
+            ``tiny:qwen2`` (see ``dft_lightning.modeling``).
+        objective: the training objective (``SFT``, ``DFT``, ``IWSFT`` or any ``Objective`` class).
+        dtype: parameter dtype at load (``float32``; ``bfloat16`` for bf16-true training).
+        attn_implementation: transformers attention backend (``sdpa``, ``flash_attention_2``...).
+        lora: ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``target_modules``...); full
+            fine-tuning when unset.
+        gradient_checkpointing: recompute decoder activations in backward.
+        reference: reference model for objectives that require one; default: the starting model
+            (with LoRA: the base model with adapters switched off, no copy).
+        lr: peak learning rate (paper: 5e-5).
+        weight_decay: AdamW weight decay on matrices (biases and norms are not decayed).
+        betas: AdamW betas.
+        warmup_ratio: fraction of the steps with linear warm-up (paper: 0.1).
+        min_lr_ratio: cosine decays to ``lr * min_lr_ratio``.
+        max_grad_norm: gradient clipping by global norm (paper: 1.0); ``0`` disables.
+        chunk_size: supervised tokens projected to the vocabulary at once (memory knob).
+        fsdp_param_dtype: FSDP2 mixed-precision parameter dtype (e.g. ``bfloat16``); reductions in fp32.
+        on_nonfinite: ``raise`` on a non-finite loss (naming the step and rows) or ``skip`` the step.
+    """
+
+    def __init__(
+        self, pretrained: str, objective: Objective | None = None, dtype: str = "float32",
+        attn_implementation: str | None = None, lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False, reference: str | None = None, lr: float = 5e-5,
+        weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
+        min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int = 1024,
+        fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.objective = objective if objective is not None else SFT()
+        unknown = set(getattr(self.objective, "requires", ())) - KNOWN_REQUIREMENTS
+        if unknown:
+            raise UserError(f"objective {type(self.objective).__name__} requires unknown statistics {sorted(unknown)}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise UserError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.save_hyperparameters(ignore=["objective"])
+        self.pretrained, self.dtype_name = pretrained, dtype
+        self.model: modeling.CausalLMWithTokenStats | None = None
+        self._reference: modeling.CausalLMWithTokenStats | None = None  # not a submodule: not saved
+        self._tokenizer: Any = None
+        self.eval_metrics = torch.nn.ModuleDict({
+            f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in ("loss", "nll")
+        })
+        self._step_started: float | None = None
+        self._tokens_seen = 0
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        lm = modeling.load_causal_lm(self.pretrained, hp.dtype, hp.attn_implementation)
+        needs_reference = "reference" in self.objective.requires
+        reference_lm = None
+        if needs_reference and (hp.reference is not None or not hp.lora):
+            reference_lm = (
+                modeling.load_causal_lm(hp.reference, hp.dtype, hp.attn_implementation)
+                if hp.reference is not None else modeling.frozen_copy(lm)
+            )
+        if hp.lora:
+            lm = modeling.apply_lora(lm, dict(hp.lora))
+        if hp.gradient_checkpointing:
+            modeling.hf_model(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hp.lora:
+                modeling.hf_model(lm).enable_input_require_grads()
+        self.model = modeling.CausalLMWithTokenStats(lm, hp.chunk_size).train()
+        if reference_lm is not None:
+            reference = modeling.CausalLMWithTokenStats(reference_lm, hp.chunk_size).requires_grad_(False).eval()
+            object.__setattr__(self, "_reference", reference)  # kept out of state_dict, optimizer and DDP
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            param_dtype = getattr(torch, hp.fsdp_param_dtype) if hp.fsdp_param_dtype else None
+            dp_mesh = data_parallel_mesh(mesh)
+            modeling.shard_fsdp2(self.model, dp_mesh, param_dtype)
+            if self._reference is not None:
+                modeling.shard_fsdp2(self._reference, dp_mesh, param_dtype)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = modeling.load_tokenizer(self.pretrained)
+        return self._tokenizer
+
+    def export_hf(self, out_dir: str | Path, merge_lora: bool = True) -> Path | None:
+        """Write HF weights + tokenizer (collective under FSDP2; rank zero writes)."""
+        assert self.model is not None, "configure_model() has not run"
+        return modeling.export_hf(
+            self.model, self.tokenizer, out_dir, merge_lora_weights=merge_lora, is_rank_zero=self.global_rank == 0
+        )
+
+    # -- statistics and loss -------------------------------------------------------------------
+    def token_stats(self, batch: dict[str, Any], num_tokens: Tensor) -> TokenStats:
+        assert self.model is not None
+        requires = self.objective.requires
+        inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+        logp, entropy = self.model(**inputs, entropy="entropy" in requires)
+        ref_logp = None
+        if "reference" in requires:
+            with torch.no_grad():
+                if self._reference is not None:
+                    self._reference.to(self.device)
+                    ref_logp, _ = self._reference(**inputs)
+                else:  # LoRA: the base model is the policy with adapters off
+                    with modeling.adapter_disabled(self.model.lm):
+                        ref_logp, _ = self.model(**inputs)
+        labels = batch["labels"][:, 1:]
+        return TokenStats(
+            logp=logp, mask=labels != -100, sequence=batch["sequence_ids"][:, 1:], num_tokens=num_tokens,
+            ref_logp=ref_logp, entropy=entropy,
+        )
+
+    def _sync_context(self, last: bool):
+        """No gradient synchronisation before the last micro-batch of a step."""
+        if last or self.trainer.world_size == 1:
+            return nullcontext()
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return wrapped.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            stack = ExitStack()
+            self.model.set_requires_gradient_sync(False)
+            stack.callback(self.model.set_requires_gradient_sync, True)
+            return stack
+        return nullcontext()
+
+    def _all_reduce(self, values: Tensor, op: Any = None) -> Tensor:
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            values = values.clone()
+            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        return values
+
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        now = time.perf_counter()
+        started = self._step_started or now
+        local_tokens = torch.tensor(
+            [float((mb["labels"][:, 1:] != -100).sum()) for mb in batch], device=self.device
+        )
+        num_tokens = self._all_reduce(local_tokens.sum()).clamp_min(1)
+        world = self.trainer.world_size
+        sums: dict[str, Tensor] = {}
+        extremes: dict[str, Tensor] = {}
+
+        def add(name: str, value: Tensor) -> None:
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+        for i, mb in enumerate(batch):
+            with self._sync_context(last=i == len(batch) - 1):
+                stats = self.token_stats(mb, num_tokens)
+                out = self.objective(stats)
+                self.manual_backward(out.loss * world)
+            add("train/loss", out.loss)
+            add("train/nll", stats.token_sum(stats.nll()).detach())
+            share = local_tokens[i] / num_tokens
+            for key, value in out.metrics.items():
+                if key.endswith(("_max", "_min")):
+                    prev = extremes.get(key)
+                    value = value.detach().float()
+                    extremes[key] = value if prev is None else (
+                        torch.maximum(prev, value) if key.endswith("_max") else torch.minimum(prev, value))
+                else:
+                    add(key, value * share)
+
+        names = sorted(sums)
+        reduced = self._all_reduce(torch.stack([torch.as_tensor(sums[n], device=self.device) for n in names]))
+        logs = dict(zip(names, reduced, strict=True))
+        for key, value in extremes.items():
+            op = dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.MIN
+            logs[key] = self._all_reduce(value, op)
+
+        if not torch.isfinite(logs["train/loss"]):
+            rows = [r for mb in batch for r in mb["row_ids"] if r is not None]
+            message = f"non-finite loss {float(logs['train/loss'])} at step {self.global_step} (rows {rows[:8]})"
+            if self.hparams.on_nonfinite == "raise":
+                raise FloatingPointError(message + "; set model.on_nonfinite=skip to skip such steps")
+            rank_zero_info(f"[dft_lightning] skipping step: {message}")
+            optimizer.zero_grad(set_to_none=True)
+            self.log("train/skipped_steps", 1.0, on_step=True, reduce_fx="sum")
+            return
+
+        grad_norm = self._clip_gradients()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        finished = time.perf_counter()
+        self._step_started = finished
+        self._tokens_seen += int(num_tokens)
+        real = self._all_reduce(torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in batch)),
+                                             device=self.device))
+        padded = self._all_reduce(torch.tensor(float(sum(mb["attention_mask"].numel() for mb in batch)),
+                                               device=self.device))
+        logs.update({
+            "train/lr": torch.tensor(lr),
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": num_tokens / max(finished - started, 1e-9),
+            "train/supervised_tokens": num_tokens,
+            "train/tokens_seen": torch.tensor(float(self._tokens_seen)),
+            "train/padding_efficiency": real / padded.clamp_min(1),
+            "train/micro_batches": torch.tensor(float(len(batch))),
+        })
+        self.log_dict({k: v.detach().float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False,
+                      batch_size=1, rank_zero_only=True)
+        self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1,
+                 rank_zero_only=True)
+
+    def _clip_gradients(self) -> Tensor:
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return torch.tensor(0.0)
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return norm.detach()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def on_fit_start(self) -> None:
+        if self.trainer.precision in ("16-mixed", "16"):
+            raise UserError("trainer.precision=16-mixed is not supported (no loss scaling); use bf16-mixed or 32")
+        reports = getattr(self.trainer.datamodule, "reports", None) if self.trainer.datamodule else None
+        if reports and self.global_rank == 0:
+            metrics = {k: v for rep in reports.values() for k, v in rep.metrics().items()}
+            for logger in self.loggers:
+                logger.log_hyperparams({"objective": repr(self.objective)})
+                logger.log_metrics(metrics, step=0)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _evaluate(self, batch: list[dict[str, Any]], split: str) -> None:
+        loss, nll = self.eval_metrics[f"{split}_loss"], self.eval_metrics[f"{split}_nll"]
+        for mb in batch:
+            tokens = (mb["labels"][:, 1:] != -100).sum().float()
+            stats = self.token_stats(mb, tokens.clamp_min(1))
+            loss.update(self.objective(stats).loss.detach(), weight=tokens)
+            nll.update(stats.token_sum(stats.nll()).detach(), weight=tokens)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=1)
+        self.log(f"{split}/nll", nll, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        """A full sanity pass (``num_sanity_val_steps: -1``) is the step-0 baseline: log it."""
+        trainer = self.trainer
+        if not trainer.sanity_checking or not math.isinf(trainer.num_sanity_val_steps):
+            return
+        baseline = {f"val/{name}": float(self.eval_metrics[f"val_{name}"].compute()) for name in ("loss", "nll")}
+        self._baseline = baseline
+        if self.global_rank == 0:
+            for logger in self.loggers:
+                logger.log_metrics(baseline, step=0)
+
+    def on_fit_end(self) -> None:
+        baseline = getattr(self, "_baseline", None)
+        final = self.trainer.callback_metrics.get("val/nll")
+        if baseline and final is not None:
+            rank_zero_info(f"[dft_lightning] held-out val/nll: {baseline['val/nll']:.4f} before training, "
+                           f"{float(final):.4f} after")
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise UserError("no trainable parameters (check model.lora.target_modules)")
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total, hp.warmup_ratio, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def data_parallel_mesh(mesh: Any) -> Any:
+    """A 1-D mesh over every rank: this package shards with FSDP2 only (no tensor parallelism).
+
+    Lightning's ``ModelParallelStrategy`` defaults to ``tensor_parallel_size = devices per node`` and
+    ``data_parallel_size = nodes``; sharding over its ``data_parallel`` dimension alone would leave
+    the ranks of a node unsynchronised, so all dimensions are used as one data-parallel dimension.
+    """
+    if mesh.ndim == 1:
+        return mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("data_parallel",))
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
+    """LR multiplier: linear warm-up over ``ceil(warmup_ratio * total)`` steps, then cosine to ``min_ratio``."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

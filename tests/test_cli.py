@@ -1,0 +1,155 @@
+"""End to end through the CLI on the tiny Qwen2: training works, configs compose, errors are clear."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_metrics, run_cli, series
+
+TINY = str(REPO / "conf" / "tiny.yaml")
+
+
+def fit(tmp_path, *extra, check=True):
+    result = run_cli(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
+                      f"--data.init_args.data_dir={tmp_path / 'data'}", *extra], cwd=tmp_path)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_fit_learns_exports_and_reloads(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dft_lightning.module import FineTuneModule
+
+    fit(tmp_path, "--trainer.max_steps=24", "--model.objective.class_path=dft_lightning.objectives.SFT",
+        "--export.at_end=true", "--trainer.enable_checkpointing=true", "--data.init_args.num_train=96")
+    rows = read_metrics(tmp_path)
+    nll = series(rows, "train/nll")
+    assert len(nll) == 24
+    assert sum(nll[-4:]) / 4 < sum(nll[:4]) / 4 - 0.5, nll  # a learnable set: loss clearly falls
+    val = series(rows, "val/nll")
+    assert val and val[-1] < 6.0
+    assert series(rows, "train/tokens_per_s")[-1] > 0 and series(rows, "train/grad_norm")
+
+    export = next(tmp_path.rglob("hf/final"))
+    start = load_file(str(tiny_dir / "model.safetensors"))
+    trained = load_file(str(export / "model.safetensors"))
+    assert start.keys() == trained.keys()
+    changed = [k for k in start if not torch.equal(start[k], trained[k])]
+    assert len(changed) == len(start)  # every tensor moved
+
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    module = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu")
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    module.model.eval()
+    ids = torch.tensor([[3, 40, 41, 7, 100, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, module.model.lm(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("objective", ["SFT", "DFT", "IWSFT"])
+def test_objective_switch_by_class_path_only(tmp_path, objective):
+    fit(tmp_path, "--trainer.max_steps=2", f"--model.objective.class_path=dft_lightning.objectives.{objective}")
+    rows = read_metrics(tmp_path)
+    loss, nll = series(rows, "train/loss"), series(rows, "train/nll")
+    assert len(loss) == 2
+    if objective == "SFT":
+        assert loss == pytest.approx(nll)
+    elif objective == "DFT":
+        assert all(a < b / 10 for a, b in zip(loss, nll, strict=True))  # p ~ 1/V at start
+        assert series(rows, "dft/weight_mean")
+    else:
+        assert series(rows, "iw/weight_mean")[0] == pytest.approx(1.0, abs=1e-5)  # policy == reference at start
+        assert loss[0] == pytest.approx(nll[0], rel=1e-5)
+
+
+def test_user_objective_outside_the_package(tmp_path):
+    (tmp_path / "my_objectives.py").write_text(textwrap.dedent("""
+        import torch
+        from dft_lightning.objectives import Objective, ObjectiveOutput
+
+        class FocalLike(Objective):
+            requires = frozenset({"entropy"})
+
+            def __init__(self, gamma: float = 2.0):
+                self.gamma = gamma
+
+            def __call__(self, stats):
+                p = torch.exp(stats.logp)
+                loss = stats.token_sum((1 - p).detach() ** self.gamma * -stats.logp)
+                return ObjectiveOutput(loss, {"focal/entropy": stats.token_mean(stats.entropy.detach())})
+    """))
+    result = run_cli(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
+                      f"--data.init_args.data_dir={tmp_path / 'data'}",
+                      "--model.objective.class_path=my_objectives.FocalLike", "--model.objective.init_args.gamma=1.5"],
+                     cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    entropy = series(read_metrics(tmp_path), "focal/entropy")
+    assert len(entropy) == 2 and 5.0 < entropy[0] < 6.3  # near log(512) for a random tiny model
+
+
+def test_validate_test_and_print_config(tmp_path):
+    for command in ("validate", "test"):
+        result = run_cli([command, "--config", TINY, f"--trainer.default_root_dir={tmp_path / command}",
+                          f"--data.init_args.data_dir={tmp_path / 'data'}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{command.replace('validate', 'val')}/nll" in result.stdout
+    result = run_cli(["fit", "--config", TINY, "--model.objective.class_path=dft_lightning.objectives.IWSFT",
+                      "--model.objective.init_args.max_weight=4", "--print_config"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: dft_lightning.objectives.IWSFT" in result.stdout and "max_weight: 4" in result.stdout
+
+
+def test_interpolation_across_config_files(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  lr: 0.002\n  warmup_ratio: 0.0\n")
+    (tmp_path / "derived.yaml").write_text(textwrap.dedent("""
+        trainer:
+          max_steps: 2
+          default_root_dir: ${model.pretrained}-runs
+        data:
+          init_args:
+            micro_batch_size: ${data.init_args.batch_size}
+    """))
+    result = run_cli(["fit", "--config", TINY, "--config", str(tmp_path / "base.yaml"),
+                      "--config", str(tmp_path / "derived.yaml"), "--data.init_args.batch_size=4",
+                      "--print_config"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "default_root_dir: tiny:qwen2-runs" in result.stdout
+    assert "micro_batch_size: 4" in result.stdout and "lr: 0.002" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.learning_rate=1"], "learning_rate"),
+        (["--data=dft_lightning.data.ChatDataModule", "--data.init_args.train=/nonexistent/train.jsonl"],
+         "data.train: data file not found: /nonexistent/train.jsonl"),
+        (["--model.objective.class_path=dft_lightning.objectives.NoSuch"], "NoSuch"),
+    ],
+)
+def test_bad_config_gives_one_clear_line(tmp_path, args, expected):
+    result = run_cli(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", *args], cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_files_give_one_clear_line(tmp_path):
+    missing = tmp_path / "missing_response.jsonl"
+    missing.write_text('{"problem": "1+1?", "answer": "2"}\n' * 4)
+    base = ["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
+            "--data=dft_lightning.data.ChatDataModule", "--data.init_args.fields.prompt=problem",
+            "--data.init_args.fields.response=solution", "--data.init_args.batch_size=2"]
+    result = run_cli([*base, f"--data.init_args.train={missing}"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "field 'solution' missing in all 4 rows (row fields: answer, problem)" in result.stderr
+    empty = tmp_path / "empty_after_filter.jsonl"
+    empty.write_text('{"problem": "1+1?", "solution": ""}\n{"problem": "2+2?", "solution": "   "}\n')
+    result = run_cli([*base, f"--data.init_args.train={empty}"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no usable rows: 2 read, all dropped (empty_response: 2" in result.stderr
