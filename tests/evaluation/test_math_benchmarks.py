@@ -1,0 +1,188 @@
+"""Math benchmark loaders and prompts, and the grader against the real benchmark files when present.
+
+The real files live outside the repository (``../shared/benchmarks``); those tests skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dft_lightning.evaluation.benchmarks.math import (
+    PROMPT_TEMPLATES,
+    MathBenchmark,
+    load_math_benchmark,
+    rows_to_problems,
+    to_messages,
+    to_prompt,
+)
+from dft_lightning.evaluation.graders.math import grade_math_batch, normalize_answer
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks"
+REAL_FILES = {
+    "math500": ("math500.jsonl", 500),
+    "minerva": ("minerva_math.jsonl", 272),
+    "olympiadbench": ("olympiadbench.jsonl", 675),
+    "aime24": ("aime24.jsonl", 30),
+    "amc23": ("amc23.jsonl", 40),
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- schemas
+
+
+def test_each_schema_maps_to_uniform_problems(tmp_path: Path) -> None:
+    cases = {
+        "math500": (
+            {"problem": "P", "solution": "S", "answer": r"\frac{1}{2}", "unique_id": "test/a/1.json"},
+            "math500/test/a/1.json",
+            r"\frac{1}{2}",
+        ),
+        "minerva": (
+            {"problem": "P", "solution": r"x=\boxed{1.6} \mathrm{~cm}, not \boxed{2", "idx": 7},
+            "minerva/7",
+            "1.6",
+        ),
+        "olympiadbench": ({"id": 3, "question": "Q", "final_answer": "['$69$,$84$']"}, "olympiadbench/3", "69,84"),
+        "aime24": ({"id": 60, "problem": "P", "answer": "025"}, "aime24/60", "025"),
+        "amc23": ({"id": 0, "question": "Q", "answer": 27.0}, "amc23/0", "27"),
+    }
+    for name, (row, problem_id, answer) in cases.items():
+        [problem] = load_math_benchmark(name, _write_jsonl(tmp_path / f"{name}.jsonl", [row]))
+        assert problem == {"id": problem_id, "question": row.get("question", row.get("problem")), "answer": answer}
+
+
+def test_olympiadbench_lists_and_amc_fractions() -> None:
+    rows = [
+        {"id": 1, "question": "Q", "final_answer": ["$2$"]},
+        {"id": 2, "question": "Q", "final_answer": ["$(1,2)$", "$(3,4)$"]},
+        {"id": 3, "question": "Q", "final_answer": '["$x$"]', "context": "C"},
+    ]
+    problems = rows_to_problems("olympiadbench", rows)
+    assert [p["answer"] for p in problems] == ["2", "(1,2), (3,4)", "x"]
+    assert problems[2]["question"] == "C\nQ"
+    [amc] = rows_to_problems("amc23", [{"problem": "P", "answer": 0.5}])
+    assert amc["answer"] == "0.5" and amc["id"] == "amc23/0"
+
+
+def test_missing_field_names_file_and_row(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "P", "answer": "1"}, {"problem": "P"}])
+    with pytest.raises(ValueError, match=r"m\.jsonl: row 1 \(math500\): missing required field 'answer'"):
+        load_math_benchmark("math500", path)
+    path = _write_jsonl(tmp_path / "mv.jsonl", [{"problem": "P", "solution": "no box"}])
+    with pytest.raises(ValueError, match=r"mv\.jsonl: row 0 \(minerva\).*boxed"):
+        load_math_benchmark("minerva", path)
+    with pytest.raises(ValueError, match="'question' or 'problem'"):
+        rows_to_problems("amc23", [{"answer": 1.0}])
+
+
+def test_json_file_unknown_names_and_missing_files(tmp_path: Path) -> None:
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"test": [{"id": 1, "problem": "P", "answer": "3"}]}), encoding="utf-8")
+    assert load_math_benchmark("aime24", path, limit=1)[0]["answer"] == "3"
+    with pytest.raises(KeyError, match="unknown math benchmark"):
+        rows_to_problems("gsm8k", [])
+    with pytest.raises(FileNotFoundError):
+        load_math_benchmark("math500", tmp_path / "absent.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": 1}\n{oops\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        load_math_benchmark("math500", bad)
+
+
+# -------------------------------------------------------------------------------------------------- prompts
+
+
+def test_prompt_templates() -> None:
+    problem = {"id": "x", "question": r"What is $\{1\}$?", "answer": "1"}
+    assert {"qwen-boxed", "qwen25-math-cot", "plain"} <= set(PROMPT_TEMPLATES)
+    boxed = to_messages(problem, "qwen-boxed")
+    assert boxed[-1] == {
+        "role": "user",
+        "content": "What is $\\{1\\}$?\nPlease reason step by step, and put your final answer within \\boxed{}.",
+    }
+    cot = to_messages(problem, "qwen25-math-cot")
+    assert cot[0]["role"] == "system" and "\\boxed{}" in cot[0]["content"] and cot[1]["content"] == problem["question"]
+    assert to_prompt(problem, "plain") == "Question: What is $\\{1\\}$?\nAnswer:"
+    chatml = to_prompt(problem, "qwen25-math-cot")
+    assert chatml.startswith("<|im_start|>system\n") and chatml.endswith("<|im_start|>assistant\n")
+    assert to_prompt(problem, "qwen-boxed", apply_chat_template=lambda m: str(len(m))) == "2"
+    with pytest.raises(KeyError, match="unknown prompt template"):
+        to_messages(problem, "nope")
+
+
+def test_benchmark_grades_nested_samples() -> None:
+    bench = MathBenchmark(
+        "toy", [{"id": "a", "question": "q", "answer": "2"}, {"id": "b", "question": "q", "answer": "0.5"}]
+    )
+    nested, stats = bench.grade_samples([[r"\boxed{2}", r"\boxed{3}"], [r"\boxed{\frac12}", "it is 1/2"]])
+    assert nested == [[True, False], [True, True]] and stats.items == 4
+    assert bench.grade(bench.problems[0], "so 2") and len(bench.prompts()) == 2
+
+
+# ------------------------------------------------------------------------------------- real benchmark files
+
+
+def _same_answer(a: str, b: str) -> bool:
+    """Rows whose answers are the same (string or number) are skipped as "wrong answer" donors."""
+    na, nb = normalize_answer(a), normalize_answer(b)
+    if na == nb:
+        return True
+    try:
+        return abs(float(na) - float(nb)) < 1e-9
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def real_grades() -> dict[str, tuple[int, list[bool], list[bool]]]:
+    """Every real benchmark's own answers and borrowed wrong answers, graded in one pool run."""
+    if not SHARED.is_dir():
+        pytest.skip(f"real benchmark files not found at {SHARED.resolve()}")
+    pairs, spans = [], {}
+    for name, (filename, _) in REAL_FILES.items():
+        problems = load_math_benchmark(name, SHARED / filename)
+        own = [(rf"Some working ... so the answer is \boxed{{{p['answer']}}}.", p["answer"]) for p in problems]
+        wrong = []
+        for i, problem in enumerate(problems):
+            j = (i + 1) % len(problems)
+            while _same_answer(problems[j]["answer"], problem["answer"]):
+                j = (j + 1) % len(problems)
+            wrong.append((rf"Some working ... so the answer is \boxed{{{problems[j]['answer']}}}.", problem["answer"]))
+        spans[name] = (len(pairs), len(problems))
+        pairs += own + wrong
+    results, _ = grade_math_batch(pairs, workers=2, timeout_s=2.0)  # a cut-off item counts as wrong
+    out = {}
+    for name, (start, n) in spans.items():
+        out[name] = (n, results[start : start + n], results[start + n : start + 2 * n])
+    return out
+
+
+@pytest.mark.parametrize("name", list(REAL_FILES))
+def test_real_benchmark_rows_load(name: str) -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"real benchmark files not found at {SHARED.resolve()}")
+    filename, rows = REAL_FILES[name]
+    problems = load_math_benchmark(name, SHARED / filename)
+    assert len(problems) == rows
+    assert len({p["id"] for p in problems}) == rows
+    assert all(p["question"] and p["answer"] for p in problems)
+
+
+@pytest.mark.parametrize("name", list(REAL_FILES))
+def test_real_reference_answers_grade_correct(name: str, real_grades: dict) -> None:
+    n, own, _ = real_grades[name]
+    assert sum(own) >= 0.99 * n, f"{name}: only {sum(own)}/{n} own answers graded correct"
+
+
+@pytest.mark.parametrize("name", list(REAL_FILES))
+def test_real_other_rows_answers_grade_wrong(name: str, real_grades: dict) -> None:
+    n, _, wrong = real_grades[name]
+    assert sum(wrong) <= 0.02 * n, f"{name}: {sum(wrong)}/{n} borrowed answers graded correct"
