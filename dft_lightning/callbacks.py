@@ -31,6 +31,7 @@ class HFExport(L.Callback):
     ) -> None:
         self.dirpath, self.every_n_steps, self.at_end, self.merge_lora = dirpath, every_n_steps, at_end, merge_lora
         self.exported: list[Path] = []
+        self._last_step = -1
 
     def root(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
@@ -47,7 +48,8 @@ class HFExport(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step  # a skipped (non-finite) step does not advance global_step
             self.export(trainer, module, f"step-{step}")
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+import warnings
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -62,6 +63,8 @@ class DFTLightningCLI(LightningCLI):
 def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCLI:
     """Construct (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``."""
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    # The step sampler resumes mid-epoch by itself (ChatDataModule.train_dataloader).
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     if "WANDB_MODE" not in os.environ and not _wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
     return DFTLightningCLI(

@@ -181,10 +181,27 @@ class CausalLMWithTokenStats(nn.Module):
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None, entropy: bool = False,
+        position_ids: Tensor | None = None, sequence_ids: Tensor | None = None, packed: bool = False,
+        entropy: bool = False, **extra: Any,
     ) -> tuple[Tensor, Tensor | None]:
+        """Per-token statistics; ``extra`` goes to the decoder (e.g. ``pixel_values``).
+
+        With ``packed`` rows (several records per row), attention is restricted to each record:
+        flash attention gets the restarting ``position_ids`` alone, other backends a block-diagonal
+        causal mask built from ``sequence_ids``.
+        """
+        if packed:
+            implementation = getattr(hf_model(self.lm).config, "_attn_implementation", None) or "eager"
+            if "flash" in implementation:
+                attention_mask = None
+            else:
+                attention_mask = packed_attention_mask(sequence_ids)
+                if implementation != "sdpa":  # eager and others add the mask to the scores
+                    dtype = self.head().weight.dtype
+                    additive = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device)
+                    attention_mask = additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
         out = self.decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
         )
         hidden = out.last_hidden_state[:, :-1]
         head = self.head()
@@ -194,14 +211,28 @@ class CausalLMWithTokenStats(nn.Module):
         )
 
 
+def packed_attention_mask(sequence_ids: Tensor) -> Tensor:
+    """``[batch, 1, time, time]`` bool mask: causal, and only within the same record (padding: its own block)."""
+    time = sequence_ids.shape[1]
+    causal = torch.ones(time, time, dtype=torch.bool, device=sequence_ids.device).tril()
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    return (same & causal).unsqueeze(1)
+
+
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (by the model's ``_no_split_modules`` class names)."""
     names = set(getattr(hf_model(lm), "_no_split_modules", None) or [])
     return [m for m in lm.modules() if type(m).__name__ in names]
 
 
-def shard_fsdp2(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None) -> None:
-    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to ``model`` as the root."""
+def shard_fsdp2(
+    model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None, reshard_root: bool = False
+) -> None:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to ``model`` as the root.
+
+    ``reshard_root`` frees the root's gathered parameters after each forward: for a frozen
+    reference model, which has no backward that would do it.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"mesh": mesh}
@@ -213,7 +244,7 @@ def shard_fsdp2(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = N
         raise RuntimeError(f"cannot find decoder layers to shard in {type(hf_model(inner)).__name__}")
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **kwargs, **({"reshard_after_forward": True} if reshard_root else {}))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -257,7 +288,11 @@ def export_hf(
     is written instead.
     """
     from huggingface_hub import save_torch_state_dict
+    from torch.distributed.tensor import DTensor
 
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if not is_rank_zero and not sharded:
+        return None  # replicated weights: rank zero has them all
     state = {k.removeprefix("lm."): v for k, v in full_state_dict(model).items()}
     if not is_rank_zero:
         return None

@@ -26,13 +26,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from dft_lightning import modeling
 from dft_lightning.errors import UserError
 from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "sequence_ids", "packed")
+MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
 
 
 class FineTuneModule(L.LightningModule):
@@ -42,7 +45,8 @@ class FineTuneModule(L.LightningModule):
         pretrained: hub id, local HF directory, GGUF file, ``pkg:<package>/<file>.gguf`` or
             ``tiny:qwen2`` (see ``dft_lightning.modeling``).
         objective: the training objective (``SFT``, ``DFT``, ``IWSFT`` or any ``Objective`` class).
-        dtype: parameter dtype at load (``float32``; ``bfloat16`` for bf16-true training).
+        dtype: parameter dtype at load. Keep ``float32`` for full fine-tuning and use
+            ``trainer.precision: bf16-mixed`` (or ``fsdp_param_dtype``); ``bfloat16`` weights suit LoRA.
         attn_implementation: transformers attention backend (``sdpa``, ``flash_attention_2``...).
         lora: ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``target_modules``...); full
             fine-tuning when unset.
@@ -57,7 +61,8 @@ class FineTuneModule(L.LightningModule):
         max_grad_norm: gradient clipping by global norm (paper: 1.0); ``0`` disables.
         chunk_size: supervised tokens projected to the vocabulary at once (memory knob).
         fsdp_param_dtype: FSDP2 mixed-precision parameter dtype (e.g. ``bfloat16``); reductions in fp32.
-        on_nonfinite: ``raise`` on a non-finite loss (naming the step and rows) or ``skip`` the step.
+        on_nonfinite: ``raise`` on a non-finite loss or gradient norm (naming the step and rows) or
+            ``skip`` the step (counted in ``train/skipped_steps``).
     """
 
     def __init__(
@@ -86,6 +91,9 @@ class FineTuneModule(L.LightningModule):
         })
         self._step_started: float | None = None
         self._tokens_seen = 0
+        self._skipped_steps = 0
+        self._consecutive_skips = 0
+        self._metric_keys: list[str] | None = None
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -93,6 +101,9 @@ class FineTuneModule(L.LightningModule):
             return
         hp = self.hparams
         lm = modeling.load_causal_lm(self.pretrained, hp.dtype, hp.attn_implementation)
+        if hp.dtype != "float32" and not hp.lora:
+            rank_zero_warn(f"model.dtype={hp.dtype}: AdamW updates full {hp.dtype} weights, and small updates round "
+                           "away; prefer float32 weights with trainer.precision=bf16-mixed or model.fsdp_param_dtype")
         needs_reference = "reference" in self.objective.requires
         reference_lm = None
         if needs_reference and (hp.reference is not None or not hp.lora):
@@ -116,7 +127,7 @@ class FineTuneModule(L.LightningModule):
             dp_mesh = data_parallel_mesh(mesh)
             modeling.shard_fsdp2(self.model, dp_mesh, param_dtype)
             if self._reference is not None:
-                modeling.shard_fsdp2(self._reference, dp_mesh, param_dtype)
+                modeling.shard_fsdp2(self._reference, dp_mesh, param_dtype, reshard_root=True)
 
     @property
     def tokenizer(self) -> Any:
@@ -135,7 +146,7 @@ class FineTuneModule(L.LightningModule):
     def token_stats(self, batch: dict[str, Any], num_tokens: Tensor) -> TokenStats:
         assert self.model is not None
         requires = self.objective.requires
-        inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         logp, entropy = self.model(**inputs, entropy="entropy" in requires)
         ref_logp = None
         if "reference" in requires:
@@ -177,6 +188,7 @@ class FineTuneModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         now = time.perf_counter()
         started = self._step_started or now
+        batch = self._equalise_micro_batches(batch)
         local_tokens = torch.tensor(
             [float((mb["labels"][:, 1:] != -100).sum()) for mb in batch], device=self.device
         )
@@ -206,23 +218,30 @@ class FineTuneModule(L.LightningModule):
                     add(key, value * share)
 
         names = sorted(sums)
+        self._check_metric_keys(names + sorted(extremes))
         reduced = self._all_reduce(torch.stack([torch.as_tensor(sums[n], device=self.device) for n in names]))
         logs = dict(zip(names, reduced, strict=True))
         for key, value in extremes.items():
             op = dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.MIN
             logs[key] = self._all_reduce(value, op)
 
-        if not torch.isfinite(logs["train/loss"]):
+        grad_norm = self._clip_gradients()
+        if not (torch.isfinite(logs["train/loss"]) and torch.isfinite(grad_norm)):
             rows = [r for mb in batch for r in mb["row_ids"] if r is not None]
-            message = f"non-finite loss {float(logs['train/loss'])} at step {self.global_step} (rows {rows[:8]})"
+            message = (f"non-finite loss {float(logs['train/loss'])} or gradient norm {float(grad_norm)} at step "
+                       f"{self.global_step} (rows {rows[:8]})")
             if self.hparams.on_nonfinite == "raise":
                 raise FloatingPointError(message + "; set model.on_nonfinite=skip to skip such steps")
-            rank_zero_info(f"[dft_lightning] skipping step: {message}")
+            rank_zero_warn(f"[dft_lightning] skipping step: {message}")
             optimizer.zero_grad(set_to_none=True)
-            self.log("train/skipped_steps", 1.0, on_step=True, reduce_fx="sum")
+            self._skipped_steps += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise FloatingPointError(f"{MAX_CONSECUTIVE_SKIPS} consecutive non-finite steps; last: {message}")
+            self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, batch_size=1)
             return
 
-        grad_norm = self._clip_gradients()
+        self._consecutive_skips = 0
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -244,10 +263,42 @@ class FineTuneModule(L.LightningModule):
             "train/padding_efficiency": real / padded.clamp_min(1),
             "train/micro_batches": torch.tensor(float(len(batch))),
         })
+        # Values are already reduced over ranks (identical everywhere): no further sync.
         self.log_dict({k: v.detach().float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False,
-                      batch_size=1, rank_zero_only=True)
-        self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1,
-                 rank_zero_only=True)
+                      batch_size=1)
+        self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1)
+
+    def _equalise_micro_batches(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Packed steps can give ranks different numbers of rows; every rank must run as many passes.
+
+        Ranks with fewer micro-batches get leading no-op ones (two tokens, nothing supervised), which
+        run forward and backward like the others without changing the gradient.
+        """
+        if self.trainer.world_size == 1 or not batch[0].get("packed"):
+            return batch
+        count = torch.tensor(float(len(batch)), device=self.device)
+        most = int(self._all_reduce(count, dist.ReduceOp.MAX))
+        if most == len(batch):
+            return batch
+        first = batch[0]
+        dummy = {k: v[:1, :2].clone() for k, v in first.items() if torch.is_tensor(v)}
+        dummy["labels"].fill_(-100)
+        dummy["sequence_ids"].fill_(0)
+        dummy.update(packed=True, row_ids=[None])
+        return [dummy] * (most - len(batch)) + batch
+
+    def _check_metric_keys(self, keys: list[str]) -> None:
+        """Ranks must reduce the same metrics (else the collective hangs): checked on the first step."""
+        if self._metric_keys is not None or self.trainer.world_size == 1 or not dist.is_initialized():
+            self._metric_keys = keys
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, keys)
+        if any(g != keys for g in gathered):
+            raise UserError(f"objective {type(self.objective).__name__} returned different metric keys on different "
+                            f"ranks ({gathered}); return the same keys on every call")
+        self._metric_keys = keys
+        rank_zero_info("[dft_lightning] metric keys agree across ranks")
 
     def _clip_gradients(self) -> Tensor:
         params = [p for p in self.parameters() if p.grad is not None]
@@ -259,13 +310,17 @@ class FineTuneModule(L.LightningModule):
             norm = norm.full_tensor()
         return norm.detach()
 
+    def on_validation_end(self) -> None:
+        self._step_started = None  # throughput counts training time only
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._step_started is None:
             self._step_started = time.perf_counter()
 
     def on_fit_start(self) -> None:
-        if self.trainer.precision in ("16-mixed", "16"):
-            raise UserError("trainer.precision=16-mixed is not supported (no loss scaling); use bf16-mixed or 32")
+        if str(self.trainer.precision) in ("16-mixed", "16", "16-true"):
+            raise UserError(f"trainer.precision={self.trainer.precision} is not supported (no loss scaling); "
+                            "use bf16-mixed or 32-true")
         reports = getattr(self.trainer.datamodule, "reports", None) if self.trainer.datamodule else None
         if reports and self.global_rank == 0:
             metrics = {k: v for rep in reports.values() for k, v in rep.metrics().items()}

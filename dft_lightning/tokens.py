@@ -85,6 +85,8 @@ def token_statistics(
         out = hidden.new_zeros(batch * time, dtype=torch.promote_types(hidden.dtype, torch.float32))
         if parts:
             out = out.index_put((index,), torch.cat(parts))
+        elif hidden.requires_grad:  # nothing supervised: keep a (zero) graph so backward still runs everywhere
+            out = out + 0.0 * hidden.sum()
         return out.view(batch, time)
 
     return scatter(logps), (scatter(ents) if entropy else None)

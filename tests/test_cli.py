@@ -13,6 +13,7 @@ TINY = str(REPO / "conf" / "tiny.yaml")
 
 
 def fit(tmp_path, *extra, check=True):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     result = run_cli(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
                       f"--data.init_args.data_dir={tmp_path / 'data'}", *extra], cwd=tmp_path)
     if check:
@@ -50,6 +51,24 @@ def test_fit_learns_exports_and_reloads(tmp_path, tiny_dir):
     ids = torch.tensor([[3, 40, 41, 7, 100, 2]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, module.model.lm(input_ids=ids).logits)
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--trainer.max_steps=6", "--data.init_args.num_train=32", "--export.at_end=true",
+              "--trainer.enable_checkpointing=true", "--trainer.limit_val_batches=0"]
+    checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1",
+                   f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    fit(tmp_path / "straight", *common, *checkpoints)  # 4 steps per epoch: step 3 is mid-epoch
+    mid = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert mid.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    fit(tmp_path / "resumed", *common, f"--ckpt_path={mid}")
+    straight = load_file(str(next((tmp_path / "straight").rglob("hf/final")) / "model.safetensors"))
+    resumed = load_file(str(next((tmp_path / "resumed").rglob("hf/final")) / "model.safetensors"))
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("objective", ["SFT", "DFT", "IWSFT"])

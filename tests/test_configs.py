@@ -19,7 +19,7 @@ OFFLINE_PREFIXES = ("tiny:", "pkg:")
 def instantiate(*configs, extra=()):
     from dft_lightning.cli import build_cli
 
-    args = ["fit"]
+    args: list[str] = []  # run=False: no subcommand
     for config in configs:
         args += ["--config", str(config)]
     return build_cli([*args, *extra], run=False)

@@ -16,7 +16,6 @@ from tests.conftest import REPO, read_metrics, run_cli, series
 TINY = str(REPO / "conf" / "tiny.yaml")
 COMMON = [
     "--trainer.max_steps=5", "--trainer.limit_val_batches=0",
-    "--model.objective.class_path=dft_lightning.objectives.DFT",
     "--model.lr=0.003", "--data.init_args.batch_size=8", "--trainer.accelerator=cpu",
 ]
 
@@ -33,25 +32,43 @@ def trajectory(tmp_path, name: str, *extra: str) -> tuple[list[float], dict]:
     return nll, load_file(str(next(root.rglob("hf/final")) / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return trajectory(tmp_path_factory.mktemp("single"), "single", "--trainer.devices=1",
-                      "--data.init_args.micro_batch_size=8")
+SINGLE: dict[str, tuple] = {}
+
+
+def single(tmp_path, objective: str) -> tuple:
+    if objective not in SINGLE:
+        SINGLE[objective] = trajectory(
+            tmp_path, f"single-{objective}", "--trainer.devices=1", "--data.init_args.micro_batch_size=8",
+            f"--model.objective.class_path={objective}",
+        )
+    return SINGLE[objective]
+
+
+PACKED = ["--data.init_args.packing=true", "--data.init_args.max_length=256", "--data.init_args.micro_batch_size=1"]
 
 
 @pytest.mark.parametrize(
-    ("strategy", "micro"),
-    [("lightning.pytorch.strategies.ModelParallelStrategy", 2), ("ddp", 4)],
-    ids=["fsdp2", "ddp"],
+    ("strategy", "objective", "packing"),
+    [("lightning.pytorch.strategies.ModelParallelStrategy", "IWSFT", False), ("ddp", "DFT", False),
+     ("lightning.pytorch.strategies.ModelParallelStrategy", "DFT", True)],
+    ids=["fsdp2-iwsft", "ddp-dft", "fsdp2-dft-packed"],
 )
-def test_two_processes_match_single_process(tmp_path, single, strategy, micro):
-    extra = [f"--trainer.strategy={strategy}", "--trainer.devices=2", f"--data.init_args.micro_batch_size={micro}"]
+def test_two_processes_match_single_process(tmp_path, strategy, objective, packing):
+    """Two micro-batches per rank: gradient accumulation without sync, then one synchronised backward.
+
+    Packed rows (256 tokens, records of ~120) give ranks different numbers of rows; the unpacked
+    single-process run is the reference, so this also checks packing end to end.
+    """
+    objective = f"dft_lightning.objectives.{objective}"
+    single_run = single(tmp_path, objective)
+    extra = [f"--trainer.strategy={strategy}", "--trainer.devices=2", "--data.init_args.micro_batch_size=2",
+             f"--model.objective.class_path={objective}", *(PACKED if packing else [])]
     if "ModelParallel" in strategy:
         extra = ["--config", str(REPO / "conf" / "overlays" / "fsdp2.yaml"), *extra[1:]]
     two, weights = trajectory(tmp_path, strategy.split(".")[-1], *extra)
-    assert two == pytest.approx(single[0], abs=2e-4), (two, single[0])
-    assert single[0][-1] < single[0][0]  # and the run actually trained
+    assert two == pytest.approx(single_run[0], abs=2e-4), (two, single_run[0])
+    assert single_run[0][-1] < single_run[0][0]  # and the run actually trained
     # The export gathers full weights (from FSDP2 shards) that equal the single-process result.
-    assert weights.keys() == single[1].keys()
+    assert weights.keys() == single_run[1].keys()
     for key, value in weights.items():
-        torch.testing.assert_close(value, single[1][key], rtol=1e-3, atol=1e-4, msg=key)
+        torch.testing.assert_close(value, single_run[1][key], rtol=1e-3, atol=1e-4, msg=key)

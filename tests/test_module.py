@@ -30,7 +30,7 @@ def one_step(tmp_path, micro_batch_size: int, objective, **module_kwargs):
     module = FineTuneModule("tiny:qwen2", objective=objective, max_grad_norm=0.0, warmup_ratio=0.0, **module_kwargs)
     data = DemoMathDataModule(num_train=16, num_test=4, tokenizer="tiny:qwen2", batch_size=8,
                               micro_batch_size=micro_batch_size, data_dir=str(tmp_path / "data"))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[capture], num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, data)
@@ -70,3 +70,31 @@ def test_warmup_cosine_schedule():
     assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
     assert warmup_cosine(10, 0.0, 0.1)(10) == pytest.approx(0.1)
+
+
+def test_activation_checkpointing_gives_the_same_gradient(tmp_path):
+    plain, _ = one_step(tmp_path, 4, DFT())
+    recomputed, module = one_step(tmp_path, 4, DFT(), gradient_checkpointing=True)
+    assert module.model.lm.is_gradient_checkpointing
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class NaNLoss(SFT):
+    """SFT with a NaN loss (a stand-in for a numerical blow-up)."""
+
+    def __call__(self, stats):
+        out = super().__call__(stats)
+        return type(out)(loss=out.loss * float("nan"))
+
+
+def test_nonfinite_loss_raises_naming_the_step_or_is_skipped(tmp_path):
+    expected = r"non-finite loss nan or gradient norm nan at step 0 \(rows \['train.jsonl:"
+    with pytest.raises(FloatingPointError, match=expected):
+        one_step(tmp_path, 8, NaNLoss())
+    grads, module = one_step(tmp_path, 8, NaNLoss(), on_nonfinite="skip")
+    assert not grads  # the optimizer never stepped
+    start = FineTuneModule("tiny:qwen2")
+    start.configure_model()
+    for (name, a), b in zip(module.model.state_dict().items(), start.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

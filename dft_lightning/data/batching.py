@@ -10,7 +10,12 @@ token count before the first backward and normalises the loss exactly (see
 For evaluation (``drop_last=False``) the last step is filled up with masked repeats of real rows
 (their labels are all ignored), so ranks stay in lock-step without counting any row twice.
 
-Not handled here: packing several records into one row (a later batching mode).
+With packing (``PackedStepCollator``), a step's records are packed first-fit-decreasing into rows
+of at most ``pack_length`` tokens; position ids restart at every record and ``sequence_ids`` name the
+record of each token, from which the model builds a block-diagonal causal mask, so no token attends
+across records. The first token of every record is never a target.
+
+Not handled here: packing across optimizer steps (a step's records stay in that step).
 """
 
 from __future__ import annotations
@@ -38,9 +43,16 @@ class StepBatchSampler:
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self.skip_steps = 0
+        # Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, step_in_epoch: int) -> None:
+        """Skip the first ``step_in_epoch`` steps of the next pass (resuming a mid-epoch checkpoint)."""
+        self.skip_steps = max(0, step_in_epoch)
 
     def __len__(self) -> int:
         steps = self.num_rows / self.global_batch_size
@@ -51,7 +63,8 @@ class StepBatchSampler:
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         share = self.global_batch_size // self.world_size
-        for step in range(len(self)):
+        skip, self.skip_steps = self.skip_steps, 0
+        for step in range(skip, len(self)):
             rows = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
             mine = rows[self.rank :: self.world_size]
             # Filler rows keep every rank at the same number of micro-batches; their labels are masked.
@@ -91,7 +104,57 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         sequence[i, :n] = i
     return {
         "input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_ids": sequence,
+        "position_ids": torch.arange(width).expand(batch, width).clone(), "packed": False,
         "row_ids": [r.get("row_id") for r in rows],
+    }
+
+
+def pack_records(rows: Sequence[dict[str, Any]], capacity: int) -> list[list[dict[str, Any]]]:
+    """First-fit-decreasing bin packing of records into rows of at most ``capacity`` tokens."""
+    bins: list[list[dict[str, Any]]] = []
+    free: list[int] = []
+    for row in sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True):
+        n = len(row["input_ids"])
+        if n > capacity:
+            raise ValueError(f"record {row.get('row_id')} has {n} tokens, more than data.pack_length={capacity}")
+        for i, space in enumerate(free):
+            if n <= space:
+                bins[i].append(row)
+                free[i] -= n
+                break
+        else:
+            bins.append([row])
+            free.append(capacity - n)
+    return bins
+
+
+def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> dict[str, Any]:
+    """Rows of packed records -> tensors; ``sequence_ids`` number the records across the micro-batch."""
+    width = max(sum(len(r["input_ids"]) for r in b) for b in bins)
+    batch = len(bins)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    sequence = torch.full((batch, width), -1, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    row_ids, record = [], 0
+    for i, b in enumerate(bins):
+        start = 0
+        for r in b:
+            n = len(r["input_ids"])
+            input_ids[i, start : start + n] = torch.tensor(r["input_ids"])
+            labels[i, start : start + n] = torch.tensor(r["labels"])
+            labels[i, start] = IGNORE_INDEX  # never predicted from the previous record's last token
+            attention[i, start : start + n] = 1
+            sequence[i, start : start + n] = record
+            positions[i, start : start + n] = torch.arange(n)
+            row_ids.append(r.get("row_id"))
+            record += 1
+            start += n
+        positions[i, start:] = torch.arange(width - start)
+    return {
+        "input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_ids": sequence,
+        "position_ids": positions, "packed": True, "row_ids": row_ids,
     }
 
 
@@ -105,6 +168,18 @@ class StepCollator:
         ordered = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
         size = self.micro_batch_size
         return [pad_rows(ordered[i : i + size], self.pad_id) for i in range(0, len(ordered), size)]
+
+
+class PackedStepCollator:
+    """Packs one step's records into rows of ``pack_length`` tokens, ``micro_batch_size`` rows per micro-batch."""
+
+    def __init__(self, micro_batch_size: int, pad_id: int, pack_length: int) -> None:
+        self.micro_batch_size, self.pad_id, self.pack_length = micro_batch_size, pad_id, pack_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        bins = pack_records(rows, self.pack_length)
+        size = self.micro_batch_size
+        return [pad_packed(bins[i : i + size], self.pad_id) for i in range(0, len(bins), size)]
 
 
 def padding_efficiency(micro_batches: Sequence[dict[str, Any]]) -> float:

@@ -26,11 +26,12 @@ from dft_lightning.errors import DataError
 
 IGNORE_INDEX = -100
 ROLES = {"system", "user", "assistant"}
-FALLBACK_TEMPLATE = (
+FALLBACK_TEMPLATE = (  # for tokenizers without a chat template (base models)
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
     "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
-    "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% else %}{{ 'Assistant:\n' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
 
 
@@ -164,6 +165,13 @@ class ChatEncoder:
             messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=self.template
         )
 
+    def _empty_prefix(self) -> str:
+        """What the template renders before a first assistant turn (e.g. a default system prompt)."""
+        try:
+            return self.render([], generation_prompt=True)
+        except Exception:  # noqa: BLE001 - templates that reject an empty conversation
+            return ""
+
     def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character span of every assistant turn."""
         text = self.render(messages)
@@ -171,8 +179,10 @@ class ChatEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], generation_prompt=True) if i else ""
+            before = self.render(messages[:i], generation_prompt=True) if i else self._empty_prefix()
             upto = self.render(messages[: i + 1])
+            if i == 0 and not (upto.startswith(before) and text.startswith(upto)):
+                raise DropRow("assistant_first", "the chat starts with an assistant turn this template rewrites")
             if not upto.startswith(before) or not text.startswith(upto):
                 raise DataError(
                     "the chat template is not prefix-stable (rendering a conversation prefix does not give a "

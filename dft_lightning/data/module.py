@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from dft_lightning.data.batching import StepBatchSampler, StepCollator, StepDataset
+from dft_lightning.data.batching import PackedStepCollator, StepBatchSampler, StepCollator, StepDataset
 from dft_lightning.data.chat import ChatEncoder, DataReport, DropRow, FieldMap, to_messages
 from dft_lightning.data.sources import MALFORMED, iter_rows
 from dft_lightning.errors import DataError
@@ -48,6 +48,9 @@ class ChatDataModule(L.LightningDataModule):
         seed: sampling and shuffling seed.
         strict: raise on the first dropped row instead of counting it.
         num_workers: data loader worker processes.
+        packing: pack several records into each row (attention stays within a record); then
+            ``micro_batch_size`` counts packed rows.
+        pack_length: tokens per packed row (default ``max_length``).
     """
 
     def __init__(
@@ -57,7 +60,7 @@ class ChatDataModule(L.LightningDataModule):
         fields: FieldMap | None = None, system_prompt: str | None = None, prompt_template: str = "{prompt}",
         max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
         micro_batch_size: int = 4, max_samples: int | None = None, seed: int = 42, strict: bool = False,
-        num_workers: int = 0,
+        num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
     ) -> None:
         super().__init__()
         if micro_batch_size < 1 or batch_size < 1:
@@ -72,6 +75,9 @@ class ChatDataModule(L.LightningDataModule):
         self.max_length, self.overlong = max_length, overlong
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.max_samples, self.seed, self.strict, self.num_workers = max_samples, seed, strict, num_workers
+        self.packing, self.pack_length = packing, pack_length or max_length
+        if self.packing and self.pack_length < max_length:
+            raise DataError(f"data.pack_length={pack_length} is shorter than data.max_length={max_length}")
         self.tokenizer: Any = None
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self.reports: dict[str, DataReport] = {}
@@ -170,13 +176,22 @@ class ChatDataModule(L.LightningDataModule):
             drop_last=drop_last,
         )
         pad = self.tokenizer.pad_token_id
+        collate = (
+            PackedStepCollator(self.micro_batch_size, pad, self.pack_length) if self.packing
+            else StepCollator(self.micro_batch_size, pad)
+        )
         return DataLoader(
-            StepDataset(self.datasets[name]), batch_sampler=sampler,
-            collate_fn=StepCollator(self.micro_batch_size, pad), num_workers=self.num_workers,
+            StepDataset(self.datasets[name]), batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=True, global_batch=self.batch_size)
+        loader = self._loader("train", shuffle=True, drop_last=True, global_batch=self.batch_size)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # resuming mid-epoch: continue with the steps not yet taken
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            loader.batch_sampler.set_epoch(trainer.current_epoch)
+            loader.batch_sampler.resume_at(done if 0 < done < len(loader.batch_sampler) else 0)
+        return loader
 
     def _eval_loader(self, name: str) -> DataLoader:
         _, world = self._world()

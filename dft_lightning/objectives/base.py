@@ -13,7 +13,8 @@ number of GPUs.
 
 Metric contract: ``ObjectiveOutput.metrics`` holds scalars for this micro-batch, each a mean over
 its supervised tokens; the module averages them over micro-batches and ranks weighted by
-supervised tokens. Keys ending in ``_max`` / ``_min`` are reduced by max / min instead.
+supervised tokens. Keys ending in ``_max`` / ``_min`` are reduced by max / min instead. Return the
+same keys on every call (ranks reduce them together).
 
 Not handled here: computing the statistics (``dft_lightning.tokens``), reference models
 (``dft_lightning.module``), logging.

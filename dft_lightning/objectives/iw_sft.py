@@ -43,7 +43,8 @@ class IWSFT(Objective):
             "iw/weight_mean": (weight * counts).sum() / tokens,
             "iw/clipped_frac": ((raw > self.max_weight).float() * counts).sum() / tokens,
         }
-        if bool(present.any()):
-            metrics["iw/weight_max"] = weight[present].max()
-            metrics["iw/weight_min"] = weight[present].min()
+        # Always the same keys (ranks reduce them together); +-inf are the identities of max / min.
+        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
+        metrics["iw/weight_max"] = torch.where(present, weight, -inf).max() if weight.numel() else -inf
+        metrics["iw/weight_min"] = torch.where(present, weight, inf).min() if weight.numel() else inf
         return ObjectiveOutput(loss=loss, metrics=metrics)

@@ -28,6 +28,20 @@ def test_epochs_reshuffle_deterministically():
     assert list(s) == first and second != first
 
 
+def test_lightning_sets_the_epoch_and_resume_skips_taken_steps():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = StepBatchSampler(32, 8, seed=5)
+    loader = DataLoader(list(range(32)), batch_sampler=sampler)
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3
+    full = list(sampler)
+    sampler.resume_at(2)
+    assert list(sampler) == full[2:]
+    assert list(sampler) == full  # the skip applies to one pass only
+
+
 def test_eval_fills_last_step_with_masked_rows():
     samplers = [StepBatchSampler(5, 4, rank=r, world_size=2, shuffle=False, drop_last=False) for r in range(2)]
     last = [list(s)[-1] for s in samplers]
