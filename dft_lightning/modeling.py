@@ -148,6 +148,21 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
     return get_peft_model(lm, config)
 
 
+VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+def freeze_vision_tower(lm: nn.Module) -> int:
+    """Freeze the vision encoder of a vision-language model; returns the number of frozen tensors."""
+    frozen = 0
+    for name, param in hf_model(lm).named_parameters():
+        if any(part in VISION_TOWER_NAMES for part in name.split(".")):
+            param.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ValueError(f"model.freeze_vision: no vision tower ({', '.join(VISION_TOWER_NAMES)}) in this model")
+    return frozen
+
+
 def hf_model(lm: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or ``lm`` itself)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm

@@ -61,6 +61,8 @@ class FineTuneModule(L.LightningModule):
         max_grad_norm: gradient clipping by global norm (paper: 1.0); ``0`` disables.
         chunk_size: supervised tokens projected to the vocabulary at once (memory knob).
         fsdp_param_dtype: FSDP2 mixed-precision parameter dtype (e.g. ``bfloat16``); reductions in fp32.
+        freeze_vision: keep a vision-language model's vision tower frozen (see
+            ``modeling.freeze_vision_tower``).
         on_nonfinite: ``raise`` on a non-finite loss or gradient norm (naming the step and rows) or
             ``skip`` the step (counted in ``train/skipped_steps``).
     """
@@ -71,7 +73,7 @@ class FineTuneModule(L.LightningModule):
         gradient_checkpointing: bool = False, reference: str | None = None, lr: float = 5e-5,
         weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
         min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int = 1024,
-        fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise",
+        fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise", freeze_vision: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -111,6 +113,8 @@ class FineTuneModule(L.LightningModule):
                 modeling.load_causal_lm(hp.reference, hp.dtype, hp.attn_implementation)
                 if hp.reference is not None else modeling.frozen_copy(lm)
             )
+        if hp.freeze_vision:
+            modeling.freeze_vision_tower(lm)
         if hp.lora:
             lm = modeling.apply_lora(lm, dict(hp.lora))
         if hp.gradient_checkpointing:
@@ -147,6 +151,7 @@ class FineTuneModule(L.LightningModule):
         assert self.model is not None
         requires = self.objective.requires
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs.update(batch.get("extra_inputs") or {})  # e.g. pixel_values, image_grid_thw
         logp, entropy = self.model(**inputs, entropy="entropy" in requires)
         ref_logp = None
         if "reference" in requires:
