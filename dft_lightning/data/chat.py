@@ -71,12 +71,17 @@ class DataReport:
     def supervised_tokens(self) -> int:
         return sum(self.response_lengths)
 
-    def percentiles(self, values: list[int]) -> str:
+    @staticmethod
+    def quantiles(values: list[int]) -> dict[str, int]:
+        """p50 / p90 / p99 / max of ``values`` (empty dict when there are none)."""
         if not values:
-            return "-"
+            return {}
         ordered = sorted(values)
-        pick = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
-        return f"p50 {pick[0]} / p90 {pick[1]} / p99 {pick[2]} / max {ordered[-1]}"
+        picks = {f"p{round(q * 100)}": ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)}
+        return {**picks, "max": ordered[-1]}
+
+    def percentiles(self, values: list[int]) -> str:
+        return " / ".join(f"{k} {v}" for k, v in self.quantiles(values).items()) or "-"
 
     def summary(self) -> str:
         lines = [
@@ -96,6 +101,8 @@ class DataReport:
                f"data/{self.split}/rows_truncated": self.truncated,
                f"data/{self.split}/supervised_tokens": self.supervised_tokens}
         out.update({f"data/{self.split}/dropped_{k}": v for k, v in self.dropped.items()})
+        for name, values in (("prompt", self.prompt_lengths), ("response", self.response_lengths)):
+            out.update({f"data/{self.split}/{name}_tokens_{k}": v for k, v in self.quantiles(values).items()})
         return {k: float(v) for k, v in out.items()}
 
 
