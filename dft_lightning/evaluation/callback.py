@@ -1,0 +1,136 @@
+"""``EvaluationCallback``: benchmark accuracy against the training step, during and around training.
+
+At the chosen points (before the first step, every ``every_n_steps`` optimizer steps, at the end)
+it exports HF weights (every rank takes part: FSDP2 shards are gathered; rank zero writes), runs
+``python -m dft_lightning evaluate`` on them in a child process (so the engine's memory, GPU or
+CPU, is returned when it exits), logs ``eval/<benchmark>/avg@k``, ``pass@k`` and the mean over
+benchmarks at the global step to every logger, and keeps the generations with their grades and a
+``summary.json`` under ``<log dir>/eval/step-<N>/``. Other ranks wait at a barrier meanwhile.
+
+A benchmark ``source`` of ``data:val`` or ``data:test`` names the data module's own validation or
+test file (the demo evaluates on its held-out split this way).
+
+Not handled here: evaluating on several nodes at once, asynchronous evaluation while training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from dft_lightning.errors import UserError
+from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, format_table
+
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+                   "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+class EvaluationCallback(L.Callback):
+    """Evaluate exported checkpoints on benchmarks and log accuracy against the global step.
+
+    Args:
+        benchmarks: what to run (``name``, ``kind``, ``source``, ``limit``, ``template``, ``n``).
+        every_n_steps: evaluate every this many optimizer steps; ``0``: only before/after.
+        before_training: evaluate the starting weights (logged at step 0).
+        at_end: evaluate the final weights.
+        engine: ``hf`` or ``vllm`` and its settings.
+        sampling: sampling settings (paper math: 16 samples at temperature 1.0).
+        dirpath: where evaluations go (default ``<log dir>/eval``).
+        keep_weights: keep the exported weights after evaluating (default: delete them, keep results).
+        timeout_s: give up on one evaluation after this many seconds.
+    """
+
+    def __init__(
+        self, benchmarks: list[BenchmarkSpec], every_n_steps: int = 0, before_training: bool = False,
+        at_end: bool = True, engine: EngineSpec | None = None, sampling: Sampling | None = None,
+        dirpath: str | None = None, keep_weights: bool = False, timeout_s: float | None = None,
+    ) -> None:
+        if not benchmarks:
+            raise UserError("EvaluationCallback needs at least one benchmark")
+        self.benchmarks, self.every_n_steps = benchmarks, every_n_steps
+        self.before_training, self.at_end = before_training, at_end
+        self.engine, self.sampling = engine or EngineSpec(), sampling or Sampling()
+        self.dirpath, self.keep_weights, self.timeout_s = dirpath, keep_weights, timeout_s
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._last_step = -1
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+
+    def _resolve(self, trainer: L.Trainer) -> list[BenchmarkSpec]:
+        specs = []
+        for spec in self.benchmarks:
+            if spec.source in ("data:val", "data:test"):
+                attribute = spec.source.split(":")[1]
+                source = getattr(trainer.datamodule, attribute, None) if trainer.datamodule else None
+                if not source:
+                    raise UserError(f"benchmark {spec.name!r}: source {spec.source}, but the data module has no "
+                                    f"{attribute} file")
+                spec = replace(spec, source=str(source))
+            specs.append(spec)
+        return specs
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float] | None:
+        """Export, evaluate in a child process (rank zero), log; returns the metrics on rank zero."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        folder = self._root(trainer) / f"step-{step}"
+        weights = folder / "model"
+        module.export_hf(weights)
+        metrics = None
+        if trainer.is_global_zero:
+            metrics = self._run_child(weights, folder, step, trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            self.history.append((step, metrics))
+            rank_zero_info(f"[dft_lightning] evaluation at step {step}:\n{format_table(metrics)}")
+            if not self.keep_weights:
+                shutil.rmtree(weights, ignore_errors=True)
+        trainer.strategy.barrier("evaluation")
+        return metrics
+
+    def _run_child(self, weights: Path, folder: Path, step: int, trainer: L.Trainer) -> dict[str, float]:
+        config = {
+            "model": str(weights), "benchmarks": [asdict(b) for b in self._resolve(trainer)],
+            "engine": asdict(self.engine), "sampling": asdict(self.sampling), "output_dir": str(folder), "step": step,
+        }
+        config_path = folder / "evaluate.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        log_path = folder / "evaluate.log"
+        with log_path.open("w") as log:
+            result = subprocess.run(
+                [sys.executable, "-m", "dft_lightning", "evaluate", "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=self.timeout_s,
+            )
+        if result.returncode != 0:
+            tail = log_path.read_text()[-3000:]
+            raise RuntimeError(f"evaluation at step {step} failed (exit {result.returncode}); log {log_path}:\n{tail}")
+        return json.loads((folder / "summary.json").read_text())["metrics"]
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.before_training and trainer.global_step == 0:
+            self.evaluate(trainer, module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.evaluate(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.at_end:
+            self.evaluate(trainer, module)
+        if trainer.is_global_zero and len(self.history) > 1:
+            first, last = self.history[0], self.history[-1]
+            rank_zero_info(f"[dft_lightning] eval/mean/avg: {first[1]['eval/mean/avg']:.4f} at step {first[0]}, "
+                           f"{last[1]['eval/mean/avg']:.4f} at step {last[0]}")

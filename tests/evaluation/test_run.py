@@ -1,0 +1,103 @@
+"""Evaluation runner, the ``evaluate`` command and the training callback, end to end on real graders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dft_lightning.data.synthetic import generate, write_jsonl
+from dft_lightning.evaluation.benchmarks.code import load_humaneval
+from dft_lightning.evaluation.engines import Completion, Engine
+from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, evaluate_model
+from tests.conftest import REPO, read_metrics, run_cli
+
+
+class AnswerKey(Engine):
+    """An engine that answers every prompt from the answer key: the scoring path must then give 1.0."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def generate_many(self, requests):
+        out = []
+        for prompts, params in requests:
+            per_prompt = []
+            for prompt in prompts:
+                text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+                answer = next(a for key, a in self.answers.items() if key in text)
+                per_prompt.append([Completion(answer, (), "stop")] * params.n)
+            out.append(per_prompt)
+        return out
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    return write_jsonl(generate("test", 6, seed=3), tmp_path_factory.mktemp("bench") / "test.jsonl")
+
+
+def test_a_perfect_engine_scores_one_and_everything_is_written(tmp_path, demo_file):
+    rows = [json.loads(line) for line in demo_file.read_text().splitlines()]
+    humaneval = load_humaneval(limit=3)
+    answers = {r["problem"]: f"So the answer is \\boxed{{{r['answer']}}}." for r in rows}
+    answers.update({p["prompt"]: p["canonical_solution"] for p in humaneval})
+    specs = [BenchmarkSpec(name="demo", kind="math500", source=str(demo_file)), BenchmarkSpec("humaneval", limit=3)]
+    metrics = evaluate_model("unused", specs, AnswerKey(answers), Sampling(n=2), output_dir=str(tmp_path), step=7)
+    assert metrics["eval/demo/avg@2"] == metrics["eval/humaneval/avg@2"] == metrics["eval/mean/avg"] == 1.0
+    assert metrics["eval/demo/pass@2"] == 1.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 7 and summary["metrics"] == metrics
+    lines = (tmp_path / "demo.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["correct"] == [True, True]
+
+
+def test_wrong_answers_score_zero(demo_file):
+    rows = [json.loads(line) for line in demo_file.read_text().splitlines()]
+    answers = {r["problem"]: f"\\boxed{{{int(r['answer']) + 1}}}" for r in rows}
+    metrics = evaluate_model("unused", [BenchmarkSpec("demo", "math500", str(demo_file))], AnswerKey(answers),
+                             Sampling(n=1))
+    assert metrics["eval/demo/avg@1"] == 0.0
+
+
+def test_real_engine_and_unknown_kind(tmp_path, demo_file, tiny_dir):
+    specs = [BenchmarkSpec("demo", "math500", str(demo_file), limit=2)]
+    metrics = evaluate_model(str(tiny_dir), specs, EngineSpec(kind="hf", batch_size=4),
+                             Sampling(n=2, temperature=0.0, max_tokens=8), output_dir=str(tmp_path))
+    assert 0.0 <= metrics["eval/demo/avg@2"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["completions"]) == 2 for r in rows)
+    assert rows[0]["completions"][0] == rows[0]["completions"][1]  # greedy
+
+
+def test_evaluate_command_prints_a_table_and_rejects_bad_input(tmp_path, demo_file):
+    config = REPO / "conf" / "eval" / "tiny.yaml"
+    result = run_cli(["evaluate", "--config", str(config), f"--output_dir={tmp_path}"], cwd=tmp_path,
+                     env={"DFT_DEMO_TEST": str(demo_file)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "demo_math" in result.stdout and "humaneval" in result.stdout and (tmp_path / "summary.json").is_file()
+    bad = run_cli(["evaluate", "--model=tiny:qwen2", "--benchmarks=[{name: nope}]"], cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown kind 'nope'" in bad.stdout + bad.stderr
+
+
+def test_callback_logs_accuracy_before_and_after_training(tmp_path):
+    (tmp_path / "eval.yaml").write_text("""
+trainer:
+  callbacks:
+    - class_path: dft_lightning.evaluation.callback.EvaluationCallback
+      init_args:
+        benchmarks: [{name: held_out, kind: math500, source: "data:val", limit: 2}]
+        before_training: true
+        every_n_steps: 2
+        engine: {kind: hf, batch_size: 4}
+        sampling: {n: 1, temperature: 0.0, max_tokens: 8}
+""")
+    result = run_cli(["fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(tmp_path / "eval.yaml"),
+                      f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
+                      f"--data.init_args.data_dir={tmp_path / 'data'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    steps = [int(r["step"]) for r in rows if r.get("eval/held_out/avg@1")]
+    assert steps == [0, 2]  # before training, at step 2 (the end evaluation is not repeated)
+    assert sorted(p.name for p in tmp_path.rglob("eval/step-*")) == ["step-0", "step-2"]
+    assert not list(tmp_path.rglob("eval/step-0/model"))  # weights removed, results kept
+    assert list(tmp_path.rglob("eval/step-2/held_out.jsonl"))
