@@ -18,12 +18,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dft_lightning.evaluation.graders.code import CodeGradingStats, HumanEvalGrader
+from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
+from dft_lightning.evaluation.graders.code import HumanEvalGrader
 
 __all__ = ["HUMANEVAL_FIELDS", "HumanEvalBenchmark", "humaneval_data_path", "load_humaneval"]
 
@@ -82,7 +82,7 @@ def load_humaneval(path: str | Path | None = None, *, limit: int | None = None) 
 
 
 @dataclass
-class HumanEvalBenchmark:
+class HumanEvalBenchmark(GradedBenchmark):
     """Data plus a grader: what the evaluation loop needs for HumanEval."""
 
     problems: list[dict[str, Any]]
@@ -98,18 +98,3 @@ class HumanEvalBenchmark:
         """The raw code prompts, for completion-style generation (the completion continues the function)."""
         return [p["prompt"] for p in self.problems]
 
-    def grade(self, problem: Mapping[str, Any], completion: str) -> bool:
-        return self.grader.grade(problem, completion)
-
-    def grade_samples(self, completions: Sequence[Sequence[str]]) -> tuple[list[list[bool]], CodeGradingStats]:
-        """``completions[i]`` holds the k samples of problem i; returns per-problem correctness and stats."""
-        if len(completions) != len(self.problems):
-            raise ValueError(f"{self.name}: {len(self.problems)} problems but {len(completions)} sample lists")
-        flat_problems = [p for p, samples in zip(self.problems, completions, strict=True) for _ in samples]
-        flat = [c for samples in completions for c in samples]
-        results, stats = self.grader.grade_batch(flat_problems, flat)
-        nested, start = [], 0
-        for samples in completions:
-            nested.append(results[start : start + len(samples)])
-            start += len(samples)
-        return nested, stats

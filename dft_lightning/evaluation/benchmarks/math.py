@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.graders.math import MathGrader, extract_boxed
 
 __all__ = [
@@ -247,7 +248,7 @@ def to_prompt(
 
 
 @dataclass
-class MathBenchmark:
+class MathBenchmark(GradedBenchmark):
     """Data plus a grader: what the evaluation loop needs for one math benchmark."""
 
     name: str
@@ -266,18 +267,3 @@ class MathBenchmark:
     def messages(self) -> list[list[dict[str, str]]]:
         return [to_messages(p, self.template) for p in self.problems]
 
-    def grade(self, problem: Mapping[str, Any], completion: str) -> bool:
-        return self.grader.grade(problem, completion)
-
-    def grade_samples(self, completions: Sequence[Sequence[str]]) -> tuple[list[list[bool]], Any]:
-        """``completions[i]`` holds the k samples of problem i; returns per-problem correctness and stats."""
-        if len(completions) != len(self.problems):
-            raise ValueError(f"{self.name}: {len(self.problems)} problems but {len(completions)} sample lists")
-        flat_problems = [p for p, samples in zip(self.problems, completions, strict=True) for _ in samples]
-        flat = [c for samples in completions for c in samples]
-        results, stats = self.grader.grade_batch(flat_problems, flat)
-        nested, start = [], 0
-        for samples in completions:
-            nested.append(results[start : start + len(samples)])
-            start += len(samples)
-        return nested, stats

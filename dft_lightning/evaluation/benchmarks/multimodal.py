@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.benchmarks.math import load_rows
 from dft_lightning.evaluation.graders.choice import ChoiceGrader, normalize_choice, option_letters
-from dft_lightning.evaluation.graders.math import GradingStats, normalize_answer
+from dft_lightning.evaluation.graders.math import normalize_answer
 
 __all__ = [
     "MULTIMODAL_BENCHMARKS",
@@ -336,7 +337,7 @@ def prompt_text(problem: Mapping[str, Any], mc: str = MC_INSTRUCTION, free_form:
 
 
 @dataclass
-class MultimodalBenchmark:
+class MultimodalBenchmark(GradedBenchmark):
     """Data plus a rule-based grader for one multimodal benchmark."""
 
     name: str
@@ -375,21 +376,6 @@ class MultimodalBenchmark:
             for p, text in zip(self.problems, self.texts(), strict=True)
         ]
 
-    def grade(self, problem: Mapping[str, Any], completion: str) -> bool:
-        return self.grader.grade(problem, completion)
-
-    def grade_samples(self, completions: Sequence[Sequence[str]]) -> tuple[list[list[bool]], GradingStats]:
-        """``completions[i]`` holds the k samples of problem i; returns per-problem correctness and stats."""
-        if len(completions) != len(self.problems):
-            raise ValueError(f"{self.name}: {len(self.problems)} problems but {len(completions)} sample lists")
-        flat_problems = [p for p, samples in zip(self.problems, completions, strict=True) for _ in samples]
-        flat = [c for samples in completions for c in samples]
-        results, stats = self.grader.grade_batch(flat_problems, flat)
-        nested, start = [], 0
-        for samples in completions:
-            nested.append(results[start : start + len(samples)])
-            start += len(samples)
-        return nested, stats
 
     def breakdown(
         self, results: Sequence[Sequence[bool]], key: str | Callable[[Mapping[str, Any]], Any] = "question_type"

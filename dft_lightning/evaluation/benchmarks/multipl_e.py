@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.benchmarks.math import load_rows
 from dft_lightning.evaluation.metrics import summarize
 from dft_lightning.evaluation.runners import (
@@ -277,7 +278,7 @@ class SkippedLanguage:
 
 
 @dataclass
-class MultiPLEBenchmark:
+class MultiPLEBenchmark(GradedBenchmark):
     """Data plus a grader for MultiPL-E; ``skipped`` lists the languages that cannot run here."""
 
     problems: list[dict[str, Any]]
@@ -342,21 +343,6 @@ class MultiPLEBenchmark:
         common = set.intersection(*sets) if sets else set()
         return [t for t in (self.problems[0]["stop_tokens"] if self.problems else []) if t in common]
 
-    def grade(self, problem: Mapping[str, Any], completion: str) -> bool:
-        return self.grader.grade(problem, completion)
-
-    def grade_samples(self, completions: Sequence[Sequence[str]]) -> tuple[list[list[bool]], MultiPLEStats]:
-        """``completions[i]`` holds the k samples of problem i; returns per-problem correctness and stats."""
-        if len(completions) != len(self.problems):
-            raise ValueError(f"{self.name}: {len(self.problems)} problems but {len(completions)} sample lists")
-        flat_problems = [p for p, samples in zip(self.problems, completions, strict=True) for _ in samples]
-        flat = [c for samples in completions for c in samples]
-        results, stats = self.grader.grade_batch(flat_problems, flat)
-        nested, start = [], 0
-        for samples in completions:
-            nested.append(results[start : start + len(samples)])
-            start += len(samples)
-        return nested, stats
 
     def summary(self, results: Sequence[Sequence[bool]], ks: Iterable[int] = (1,)) -> dict[str, Any]:
         """Metrics per language (``avg@n``, ``pass@k``, ``problems``) over the graded problems, and the skipped
