@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def read_metrics(root: Path) -> list[dict[str, str]]:
     assert files, f"no metrics.csv under {root}"
     with files[-1].open() as f:
         return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> Path:
+    """Write ``rows`` as JSON lines, then ``extra_lines`` verbatim (e.g. malformed JSON)."""
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
 
 
 def series(rows: list[dict[str, str]], key: str) -> list[float]:

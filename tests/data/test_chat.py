@@ -9,6 +9,7 @@ import pytest
 from dft_lightning.data.chat import ChatEncoder, DropRow, FieldMap, to_messages
 from dft_lightning.data.module import ChatDataModule
 from dft_lightning.errors import DataError
+from tests.conftest import write_rows
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -80,15 +81,6 @@ def test_bad_rows_name_their_reason(row, reason):
     with pytest.raises(DropRow) as info:
         to_messages(row, FieldMap())
     assert info.value.reason == reason
-
-
-def write_rows(path, rows, extra_lines=()):
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        for line in extra_lines:
-            f.write(line + "\n")
-    return path
 
 
 def make_module(tiny_dir, train, **kwargs):

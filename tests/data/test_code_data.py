@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from dft_lightning.data.chat import DropRow
 from dft_lightning.data.code import CodeDataModule, FeedbackFields, best_completion, mean_rating, rating_value
 from dft_lightning.errors import DataError
+from tests.conftest import write_rows
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 
@@ -17,15 +16,6 @@ def rated(response, *ratings, **extra):
     """A completion in UltraFeedback's layout; ``ratings`` in ``ASPECTS`` order."""
     annotations = {a: {"Rating": r, "Rationale": "..."} for a, r in zip(ASPECTS, ratings, strict=False)}
     return {"model": "m", "response": response, "annotations": annotations, **extra}
-
-
-def write_rows(path, rows, extra_lines=()):
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        for line in extra_lines:
-            f.write(line + "\n")
-    return path
 
 
 def make_module(tiny_dir, train, **kwargs):

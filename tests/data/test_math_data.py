@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from dft_lightning.data.math import BOXED_SUFFIX, MathDataModule, MathFields
 from dft_lightning.errors import DataError
+from tests.conftest import write_rows
 
 LUFFY_SYSTEM = "Your task is to think before answering."
-
-
-def write_rows(path, rows, extra_lines=()):
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        for line in extra_lines:
-            f.write(line + "\n")
-    return path
 
 
 def make_module(tiny_dir, train, **kwargs):

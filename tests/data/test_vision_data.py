@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections import Counter
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from dft_lightning.data.vision import VisionDataModule, VisionFields, open_image
 from dft_lightning.errors import DataError
+from tests.conftest import write_rows
 
 TINY_VL = "tiny:qwen2_5_vl"
 
@@ -39,15 +39,6 @@ def vl_dir():
     from dft_lightning.tiny_vl import tiny_vl_dir
 
     return tiny_vl_dir()
-
-
-def write_rows(path, rows, extra_lines=()):
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        for line in extra_lines:
-            f.write(line + "\n")
-    return path
 
 
 def make_module(train, **kwargs):
