@@ -7,6 +7,12 @@ CPU, is returned when it exits), logs ``eval/<benchmark>/avg@k``, ``pass@k`` and
 benchmarks at the global step to every logger, and keeps the generations with their grades and a
 ``summary.json`` under ``<log dir>/eval/step-<N>/``. Other ranks wait at a barrier meanwhile.
 
+With ``shard_across_ranks: true`` every rank evaluates its share of the problems instead (each
+child on its own GPU, reading the exported weights from a file system all ranks share), and the
+per-benchmark sums are added up across ranks with torchmetrics, which gives exactly the metrics of
+one unsharded run. The training process keeps its memory during an evaluation: on GPUs lower
+``engine.gpu_memory_utilization`` so vLLM fits beside it.
+
 A benchmark ``source`` of ``data:val`` or ``data:test`` names the data module's own validation or
 test file (the demo evaluates on its held-out split this way).
 
@@ -27,7 +33,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from dft_lightning.errors import UserError
-from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, format_table
+from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, format_table, metrics_from_totals
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
                    "GROUP_RANK", "TORCHELASTIC_RUN_ID")
@@ -46,12 +52,14 @@ class EvaluationCallback(L.Callback):
         dirpath: where evaluations go (default ``<log dir>/eval``).
         keep_weights: keep the exported weights after evaluating (default: delete them, keep results).
         timeout_s: give up on one evaluation after this many seconds.
+        shard_across_ranks: every rank evaluates a share of the problems (see the module doc).
     """
 
     def __init__(
         self, benchmarks: list[BenchmarkSpec], every_n_steps: int = 0, before_training: bool = False,
         at_end: bool = True, engine: EngineSpec | None = None, sampling: Sampling | None = None,
         dirpath: str | None = None, keep_weights: bool = False, timeout_s: float | None = None,
+        shard_across_ranks: bool = False,
     ) -> None:
         if not benchmarks:
             raise UserError("EvaluationCallback needs at least one benchmark")
@@ -59,6 +67,7 @@ class EvaluationCallback(L.Callback):
         self.before_training, self.at_end = before_training, at_end
         self.engine, self.sampling = engine or EngineSpec(), sampling or Sampling()
         self.dirpath, self.keep_weights, self.timeout_s = dirpath, keep_weights, timeout_s
+        self.shard_across_ranks = shard_across_ranks
         self.history: list[tuple[int, dict[str, float]]] = []
         self._last_step = -1
 
@@ -87,26 +96,62 @@ class EvaluationCallback(L.Callback):
         folder = self._root(trainer) / f"step-{step}"
         weights = folder / "model"
         module.export_hf(weights)
-        metrics = None
+        trainer.strategy.barrier("evaluation-export")
+        sharded = self.shard_across_ranks and trainer.world_size > 1
+        metrics, combined = None, None
+        if sharded:
+            rank, world = trainer.global_rank, trainer.world_size
+            summary = self._run_child(weights, folder / f"rank-{rank}", step, trainer, shard=(rank, world),
+                                      device=trainer.strategy.root_device)
+            combined = self._sum_across_ranks(summary["totals"], module)
+            metrics = metrics_from_totals(combined)
+        elif trainer.is_global_zero:
+            metrics = self._run_child(weights, folder, step, trainer)["metrics"]
         if trainer.is_global_zero:
-            metrics = self._run_child(weights, folder, step, trainer)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
             self.history.append((step, metrics))
+            if sharded:
+                combined_summary = {"step": step, "shards": trainer.world_size, "metrics": metrics, "totals": combined}
+                (folder / "summary.json").write_text(json.dumps(combined_summary, indent=2))
             rank_zero_info(f"[dft_lightning] evaluation at step {step}:\n{format_table(metrics)}")
-            if not self.keep_weights:
-                shutil.rmtree(weights, ignore_errors=True)
         trainer.strategy.barrier("evaluation")
+        if trainer.is_global_zero and not self.keep_weights:
+            shutil.rmtree(weights, ignore_errors=True)
         return metrics
 
-    def _run_child(self, weights: Path, folder: Path, step: int, trainer: L.Trainer) -> dict[str, float]:
+    @staticmethod
+    def _sum_across_ranks(totals: dict[str, dict[str, float]], module: L.LightningModule) -> dict:
+        """Add each rank's per-benchmark sums with torchmetrics (synchronised over the process group)."""
+        from torchmetrics import SumMetric
+
+        combined = {}
+        for name in sorted(totals):
+            combined[name] = {"k": totals[name]["k"]}
+            for key in ("problems", "timeouts", "avg_sum", "pass_sum"):
+                metric = SumMetric().to(module.device)
+                metric.update(float(totals[name][key]))
+                combined[name][key] = float(metric.compute())
+        return combined
+
+    def _run_child(
+        self, weights: Path, folder: Path, step: int, trainer: L.Trainer, shard: tuple[int, int] | None = None,
+        device=None,
+    ) -> dict:
+        """Run ``python -m dft_lightning evaluate`` and return its ``summary.json``."""
         config = {
             "model": str(weights), "benchmarks": [asdict(b) for b in self._resolve(trainer)],
             "engine": asdict(self.engine), "sampling": asdict(self.sampling), "output_dir": str(folder), "step": step,
+            "shard": list(shard) if shard else None,
         }
+        folder.mkdir(parents=True, exist_ok=True)
         config_path = folder / "evaluate.json"
         config_path.write_text(json.dumps(config, indent=2))
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        if device is not None and getattr(device, "type", "cpu") == "cuda":  # this rank's GPU only
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(device.index + 1)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[device.index]
         log_path = folder / "evaluate.log"
         with log_path.open("w") as log:
             result = subprocess.run(
@@ -116,7 +161,7 @@ class EvaluationCallback(L.Callback):
         if result.returncode != 0:
             tail = log_path.read_text()[-3000:]
             raise RuntimeError(f"evaluation at step {step} failed (exit {result.returncode}); log {log_path}:\n{tail}")
-        return json.loads((folder / "summary.json").read_text())["metrics"]
+        return json.loads((folder / "summary.json").read_text())
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.before_training and trainer.global_step == 0:

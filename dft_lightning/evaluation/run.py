@@ -114,16 +114,26 @@ def _params(spec: BenchmarkSpec, sampling: Sampling) -> SamplingParams:
 def evaluate_model(
     model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | Engine | None = None,
     sampling: Sampling | None = None, output_dir: str | None = None, step: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Generate, grade and score ``model`` on ``benchmarks``; returns the metrics (also in ``summary.json``).
 
-    ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a ready ``Engine``.
+    ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a ready ``Engine``. With
+    ``shard=(i, count)`` only problems ``i, i + count, ...`` of each benchmark are evaluated, and
+    ``summary.json`` carries the per-benchmark sums (``totals``) that ``combine_totals`` adds up
+    across shards into exactly the unsharded metrics.
     """
     if not benchmarks:
         raise UserError("no benchmarks to evaluate")
     engine, sampling = engine or EngineSpec(), sampling or Sampling()
     started = time.perf_counter()
     loaded = [(spec, _load(spec)) for spec in benchmarks]
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise UserError(f"shard {shard}: need 0 <= index < count")
+        for _, bench in loaded:
+            bench.problems = bench.problems[index::count]
     requests = []
     for spec, bench in loaded:
         prompts = bench.messages() if spec.family == "math" else bench.prompts()
@@ -134,17 +144,19 @@ def evaluate_model(
         with engine.build(model, sampling.seed) as runner:
             outputs = runner.generate_many(requests)
     generated = time.perf_counter()
-    metrics: dict[str, float] = {}
+    totals: dict[str, dict[str, float]] = {}
     out = Path(output_dir) if output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     for (spec, bench), (_, params), samples in zip(loaded, requests, outputs, strict=True):
         texts = [[c.text for c in per_problem] for per_problem in samples]
-        grades, stats = bench.grade_samples(texts)
+        grades, stats = bench.grade_samples(texts) if texts else ([], None)
         k = params.n
-        metrics[f"eval/{spec.name}/avg@{k}"] = avg_at_k(grades)
-        metrics[f"eval/{spec.name}/pass@{k}"] = mean_pass_at_k(grades, k)
-        metrics[f"eval/{spec.name}/timeouts"] = float(getattr(stats, "timeouts", 0))
+        totals[spec.name] = {
+            "k": k, "problems": len(grades), "timeouts": float(getattr(stats, "timeouts", 0)),
+            "avg_sum": avg_at_k(grades) * len(grades) if grades else 0.0,
+            "pass_sum": mean_pass_at_k(grades, k) * len(grades) if grades else 0.0,
+        }
         if out:
             with (out / f"{spec.name}.jsonl").open("w") as f:
                 for problem, completions, marks in zip(bench.problems, samples, grades, strict=True):
@@ -152,15 +164,40 @@ def evaluate_model(
                            "completions": [c.text for c in completions], "correct": marks,
                            "finish_reasons": [c.finish_reason for c in completions]}
                     f.write(json.dumps(row) + "\n")
-    avg_keys = [k for k in metrics if "/avg@" in k]
-    metrics["eval/mean/avg"] = sum(metrics[k] for k in avg_keys) / len(avg_keys)
+    metrics = metrics_from_totals(totals)
     if out:
-        summary = {"model": model, "step": step, "metrics": metrics, "benchmarks": [asdict(b) for b in benchmarks],
+        summary = {"model": model, "step": step, "shard": shard, "metrics": metrics, "totals": totals,
+                   "benchmarks": [asdict(b) for b in benchmarks],
                    "engine": asdict(engine) if isinstance(engine, EngineSpec) else type(engine).__name__,
                    "sampling": asdict(sampling),
                    "seconds": {"generate": generated - started, "total": time.perf_counter() - started}}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return metrics
+
+
+def metrics_from_totals(totals: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``eval/<name>/avg@k``, ``pass@k``, ``timeouts`` and ``eval/mean/avg`` from per-benchmark sums."""
+    metrics: dict[str, float] = {}
+    for name, t in totals.items():
+        k, problems = int(t["k"]), max(t["problems"], 1)
+        metrics[f"eval/{name}/avg@{k}"] = t["avg_sum"] / problems
+        metrics[f"eval/{name}/pass@{k}"] = t["pass_sum"] / problems
+        metrics[f"eval/{name}/timeouts"] = t["timeouts"]
+    avg_keys = [key for key in metrics if "/avg@" in key]
+    metrics["eval/mean/avg"] = sum(metrics[key] for key in avg_keys) / max(len(avg_keys), 1)
+    return metrics
+
+
+def combine_totals(parts: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Add up the ``totals`` of several shards (same benchmarks, same k)."""
+    combined: dict[str, dict[str, float]] = {}
+    for part in parts:
+        for name, t in part.items():
+            into = combined.setdefault(name, {"k": t["k"], "problems": 0, "timeouts": 0.0, "avg_sum": 0.0,
+                                              "pass_sum": 0.0})
+            for key in ("problems", "timeouts", "avg_sum", "pass_sum"):
+                into[key] += t[key]
+    return combined
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -180,7 +217,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def evaluate(
     model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | None = None, sampling: Sampling | None = None,
-    output_dir: str | None = None, step: int | None = None,
+    output_dir: str | None = None, step: int | None = None, shard: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Evaluate a model (hub id, HF directory, GGUF, ``tiny:``) on benchmarks and print a table.
 
@@ -191,9 +228,10 @@ def evaluate(
         sampling: sampling settings.
         output_dir: where generations and ``summary.json`` go (default: ``runs/eval/<model name>``).
         step: training step the model comes from (recorded in the summary).
+        shard: ``(index, count)``: evaluate every ``count``-th problem from ``index`` (one of several workers).
     """
     output_dir = output_dir or str(Path("runs") / "eval" / Path(model.rstrip("/")).name.replace(":", "-"))
-    metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step)
+    metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step, shard)
     print(format_table(metrics))
     print(f"generations and summary.json in {output_dir}")
     return metrics

@@ -51,6 +51,23 @@ def test_a_perfect_engine_scores_one_and_everything_is_written(tmp_path, demo_fi
     assert len(lines) == 6 and json.loads(lines[0])["correct"] == [True, True]
 
 
+def test_shards_add_up_to_the_unsharded_metrics(tmp_path, demo_file):
+    from dft_lightning.evaluation.run import combine_totals, metrics_from_totals
+
+    rows = [json.loads(line) for line in demo_file.read_text().splitlines()]
+    # right on every other problem, so shards see different accuracies
+    answers = {r["problem"]: f"\\boxed{{{int(r['answer']) + i % 2}}}" for i, r in enumerate(rows)}
+    specs = [BenchmarkSpec("demo", "math500", str(demo_file))]
+    whole = evaluate_model("unused", specs, AnswerKey(answers), Sampling(n=2), output_dir=None)
+    parts = []
+    for index in range(4):  # 6 problems over 4 shards: uneven shares
+        out = tmp_path / f"shard-{index}"
+        evaluate_model("unused", specs, AnswerKey(answers), Sampling(n=2), output_dir=str(out), shard=(index, 4))
+        parts.append(json.loads((out / "summary.json").read_text())["totals"])
+    assert whole["eval/demo/avg@2"] == 0.5
+    assert metrics_from_totals(combine_totals(parts)) == whole
+
+
 def test_wrong_answers_score_zero(demo_file):
     rows = [json.loads(line) for line in demo_file.read_text().splitlines()]
     answers = {r["problem"]: f"\\boxed{{{int(r['answer']) + 1}}}" for r in rows}
@@ -101,3 +118,32 @@ trainer:
     assert sorted(p.name for p in tmp_path.rglob("eval/step-*")) == ["step-0", "step-2"]
     assert not list(tmp_path.rglob("eval/step-0/model"))  # weights removed, results kept
     assert list(tmp_path.rglob("eval/step-2/held_out.jsonl"))
+
+
+def test_callback_shards_evaluation_across_two_ranks(tmp_path):
+    (tmp_path / "eval.yaml").write_text("""
+trainer:
+  callbacks:
+    - class_path: dft_lightning.evaluation.callback.EvaluationCallback
+      init_args:
+        benchmarks: [{name: held_out, kind: math500, source: "data:val", limit: 3}]
+        before_training: true
+        shard_across_ranks: true
+        engine: {kind: hf, batch_size: 4}
+        sampling: {n: 1, temperature: 0.0, max_tokens: 4}
+""")
+    result = run_cli(["fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(tmp_path / "eval.yaml"),
+                      f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.strategy=ddp",
+                      "--trainer.devices=2", "--trainer.limit_val_batches=0",
+                      f"--data.init_args.data_dir={tmp_path / 'data'}"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step0 = next(tmp_path.rglob("eval/step-0"))
+    assert sorted(p.name for p in step0.glob("rank-*")) == ["rank-0", "rank-1"]
+    shares = [json.loads((step0 / f"rank-{r}" / "summary.json").read_text())["totals"]["held_out"]["problems"]
+              for r in (0, 1)]
+    assert shares == [2, 1]
+    combined = json.loads((step0 / "summary.json").read_text())
+    assert combined["totals"]["held_out"]["problems"] == 3  # summed across ranks
+    assert "eval/held_out/avg@1" in combined["metrics"]
+    steps = [int(r["step"]) for r in read_metrics(tmp_path) if r.get("eval/held_out/avg@1")]
+    assert steps == [0, 1]
