@@ -33,7 +33,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from dft_lightning.errors import UserError
-from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, format_table, metrics_from_totals
+from dft_lightning.evaluation.run import SUMMED, BenchmarkSpec, EngineSpec, Sampling, format_table, metrics_from_totals
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
                    "GROUP_RANK", "TORCHELASTIC_RUN_ID")
@@ -128,7 +128,7 @@ class EvaluationCallback(L.Callback):
         combined = {}
         for name in sorted(totals):
             combined[name] = {"k": totals[name]["k"]}
-            for key in ("problems", "timeouts", "avg_sum", "pass_sum"):
+            for key in SUMMED:
                 metric = SumMetric().to(module.device)
                 metric.update(float(totals[name][key]))
                 combined[name][key] = float(metric.compute())

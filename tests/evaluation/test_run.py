@@ -147,3 +147,43 @@ trainer:
     assert "eval/held_out/avg@1" in combined["metrics"]
     steps = [int(r["step"]) for r in read_metrics(tmp_path) if r.get("eval/held_out/avg@1")]
     assert steps == [0, 1]
+
+
+def test_multipl_e_through_the_runner_reports_missing_toolchains(tmp_path):
+    from dft_lightning.evaluation.runners import check_available
+    from tests.evaluation.test_multipl_e import COMPLETIONS, ROWS, _problem, _write_jsonl
+
+    languages = ["py", "sh", "php"]
+    rows = [_problem(lang) for lang in languages]
+    path = _write_jsonl(tmp_path / "multipl_e.jsonl", rows)
+    answers = {ROWS[lang]["prompt"]: COMPLETIONS[lang][0] for lang in languages}
+    spec = BenchmarkSpec("multipl_e", source=str(path), languages=languages)
+    metrics = evaluate_model("unused", [spec], AnswerKey(answers), Sampling(n=1), output_dir=str(tmp_path / "out"))
+    missing = []
+    for lang in languages:
+        try:
+            check_available(lang, ROWS[lang]["prompt"])
+        except Exception:  # noqa: BLE001 - a RunnerUnavailable names the missing tool
+            missing.append(lang)
+    assert metrics["eval/multipl_e/avg@1"] == 1.0
+    assert metrics.get("eval/multipl_e/skipped_problems", 0.0) == len(missing)
+    totals = json.loads((tmp_path / "out" / "summary.json").read_text())["totals"]["multipl_e"]
+    assert totals["problems"] == len(languages) - len(missing)
+
+
+def test_plain_template_sends_raw_text(demo_file):
+    seen = []
+
+    class Recorder(AnswerKey):
+        def generate_many(self, requests):
+            seen.extend(requests)
+            return super().generate_many(requests)
+
+    rows = [json.loads(line) for line in demo_file.read_text().splitlines()]
+    answers = {r["problem"]: f"{r['answer']}" for r in rows}
+    spec = BenchmarkSpec("demo", "math500", str(demo_file), template="plain")
+    metrics = evaluate_model("unused", [spec], Recorder(answers), Sampling(n=1))
+    prompts, params = seen[0]
+    assert all(isinstance(p, str) and p.startswith("Question: ") for p in prompts)
+    assert params.stop == ("\nQuestion:",)
+    assert metrics["eval/demo/avg@1"] == 1.0  # last-number fall-back grades a bare answer
