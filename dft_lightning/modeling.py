@@ -191,7 +191,7 @@ class CausalLMWithTokenStats(nn.Module):
     output projection are gathered for the whole forward, head included.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, lm: nn.Module, chunk_size: int | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size

@@ -59,7 +59,8 @@ class FineTuneModule(L.LightningModule):
         warmup_ratio: fraction of the steps with linear warm-up (paper: 0.1).
         min_lr_ratio: cosine decays to ``lr * min_lr_ratio``.
         max_grad_norm: gradient clipping by global norm (paper: 1.0); ``0`` disables.
-        chunk_size: supervised tokens projected to the vocabulary at once (memory knob).
+        chunk_size: supervised tokens projected to the vocabulary at once (memory knob); default:
+            sized from the vocabulary so one chunk's logits stay at 256 MiB (``tokens.auto_chunk_size``).
         fsdp_param_dtype: FSDP2 mixed-precision parameter dtype (e.g. ``bfloat16``); reductions in fp32.
         freeze_vision: keep a vision-language model's vision tower frozen (see
             ``modeling.freeze_vision_tower``).
@@ -72,7 +73,7 @@ class FineTuneModule(L.LightningModule):
         attn_implementation: str | None = None, lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False, reference: str | None = None, lr: float = 5e-5,
         weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
-        min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int = 1024,
+        min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int | None = None,
         fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise", freeze_vision: bool = False,
     ) -> None:
         super().__init__()

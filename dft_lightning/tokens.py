@@ -19,6 +19,14 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+#: Logit elements per chunk when the chunk size is automatic: 2**26 fp32 values = 256 MiB per copy,
+#: whatever the vocabulary (e.g. ~440 tokens at Qwen2.5's 152k, ~1,365 at SmolLM2's 49k).
+CHUNK_ELEMENTS = 2**26
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Tokens per chunk that keep one chunk's logits at ``CHUNK_ELEMENTS`` values (at least 64)."""
+    return max(64, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def _chunk_stats(
@@ -45,7 +53,7 @@ def token_statistics(
     *,
     bias: Tensor | None = None,
     entropy: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob of each target token (and entropy) from hidden states and the output projection.
@@ -56,13 +64,16 @@ def token_statistics(
         targets: ``[batch, time]`` token ids, ``-100`` where not supervised.
         bias: optional ``[vocab]`` output bias.
         entropy: also return the entropy of each position's next-token distribution.
-        chunk_size: supervised tokens projected at once; ``0`` disables chunking (naive path).
+        chunk_size: supervised tokens projected at once; ``None`` sizes chunks from the vocabulary
+            (``auto_chunk_size``); ``0`` disables chunking (one chunk, no recomputation).
         softcap: final logit soft-capping (``tanh(x / c) * c``), for models that use it.
 
     Returns:
         ``(logp, entropy)``, each ``[batch, time]`` in at least float32, zero where ``targets == -100``;
         ``entropy`` is ``None`` unless requested.
     """
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     batch, time = targets.shape
     flat_targets = targets.reshape(-1)
     index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)

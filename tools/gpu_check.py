@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: sized from the vocabulary")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.tiny:
