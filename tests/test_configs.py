@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
-EXPERIMENTS = sorted(p for p in CONF.rglob("*.yaml") if "overlays" not in p.parts)
+EXPERIMENTS = sorted(p for p in CONF.rglob("*.yaml") if "overlays" not in p.parts and "eval" not in p.parts)
+EVALUATIONS = sorted((CONF / "eval").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "overlays").glob("*.yaml"))
 OFFLINE_PREFIXES = ("tiny:", "pkg:")
 
@@ -43,6 +44,16 @@ def test_overlay_parses_on_top_of_tiny(overlay, tmp_path):
     assert cli.trainer is not None and cli.model is not None
 
 
+@pytest.mark.parametrize("config", EVALUATIONS, ids=lambda p: p.name)
+def test_evaluation_config_parses(config):
+    from dft_lightning.evaluation.run import build_parser
+
+    parser = build_parser()
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(config)]))
+    assert init.model and init.benchmarks and all(b.family in ("math", "code") for b in init.benchmarks)
+
+
 def test_all_configs_are_covered():
     assert {p.name for p in EXPERIMENTS} >= {"demo.yaml", "tiny.yaml"}
     assert OVERLAYS, "conf/overlays is empty"
+    assert EVALUATIONS, "conf/eval is empty"

@@ -101,7 +101,7 @@ class Sampling:
 
 
 def _load(spec: BenchmarkSpec):
-    kind = spec.kind or spec.name
+    kind, family = spec.kind or spec.name, spec.family  # family checks the kind first
     if kind == "humaneval":
         from dft_lightning.evaluation.benchmarks.code import HumanEvalBenchmark
 
@@ -116,6 +116,7 @@ def _load(spec: BenchmarkSpec):
         return MultiPLEBenchmark.load(spec.source or MULTIPL_E_HUB_ID, languages=spec.languages, limit=spec.limit)
     from dft_lightning.evaluation.benchmarks.math import MathBenchmark
 
+    assert family == "math"
     if spec.source is None:
         raise UserError(f"benchmark {spec.name!r}: set its source (a local file or hub id)")
     return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template)
@@ -274,16 +275,21 @@ def evaluate(
     return metrics
 
 
-def main(args: list[str] | None = None) -> None:
-    """``python -m dft_lightning evaluate --config eval.yaml --model <model>``."""
+def build_parser():
+    """The ``evaluate`` command's parser (a config file and/or flags for ``evaluate``'s arguments)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="python -m dft_lightning evaluate", parser_mode="omegaconf+",
                             description="Evaluate a model on math and code benchmarks.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(evaluate, fail_untyped=True)
-    cfg = parser.parse_args(args)
-    init = parser.instantiate_classes(cfg)
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m dft_lightning evaluate --config eval.yaml --model <model>``."""
+    parser = build_parser()
+    init = parser.instantiate_classes(parser.parse_args(args))
     init.pop("config", None)
     try:
         evaluate(**{k: v for k, v in init.items() if not k.startswith("__")})
