@@ -284,12 +284,7 @@ class HumanEvalPlusGrader:
         workers = max(1, self.workers or os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="humaneval-plus") as pool:
             grades = list(pool.map(self.check, problems, completions))
-        stats = CodeGradingStats(items=len(grades), seconds=time.monotonic() - started)
-        for grade in grades:
-            stats.passed += grade.passed
-            stats.timeouts += grade.result.status == "timeout"
-            stats.killed += grade.result.status == "killed"
-            stats.errors += grade.result.status == "error"
+        stats = CodeGradingStats.of(grades, time.monotonic() - started)
         if details is not None:
             details.extend(grades)
         return [g.passed for g in grades], stats

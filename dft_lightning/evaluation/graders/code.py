@@ -64,6 +64,13 @@ class CodeGradingStats:
     errors: int = 0
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, grades: Sequence[CodeGrade], seconds: float) -> CodeGradingStats:
+        """Count passes and how the runs ended."""
+        statuses = [g.result.status for g in grades]
+        return cls(items=len(grades), passed=sum(g.passed for g in grades), timeouts=statuses.count("timeout"),
+                   killed=statuses.count("killed"), errors=statuses.count("error"), seconds=seconds)
+
 
 def _check_problem(problem: Mapping[str, object]) -> None:
     missing = [key for key in _REQUIRED if not isinstance(problem.get(key), str)]
@@ -147,12 +154,7 @@ def grade_humaneval_batch(
             for p, c in zip(problems, completions, strict=True)
         ]
         grades = [f.result() for f in futures]
-    stats = CodeGradingStats(items=len(grades), seconds=time.monotonic() - started)
-    for grade in grades:
-        stats.passed += grade.passed
-        stats.timeouts += grade.result.status == "timeout"
-        stats.killed += grade.result.status == "killed"
-        stats.errors += grade.result.status == "error"
+    stats = CodeGradingStats.of(grades, time.monotonic() - started)
     if details is not None:
         details.extend(grades)
     return [g.passed for g in grades], stats
