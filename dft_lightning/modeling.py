@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dft_lightning import attention
 from dft_lightning.tokens import token_statistics
 
 
@@ -198,6 +199,12 @@ class CausalLMWithTokenStats(nn.Module):
         config = hf_model(lm).config
         text_config = getattr(config, "text_config", None) or config
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        attention.use_varlen_sdpa(text_config)  # packed rows without a [time x time] mask
+
+    def attn_implementation(self) -> str:
+        config = hf_model(self.lm).config
+        config = getattr(config, "text_config", None) or config
+        return getattr(config, "_attn_implementation", None) or "eager"
 
     def decoder(self) -> nn.Module:
         inner = hf_model(self.lm)
@@ -217,13 +224,18 @@ class CausalLMWithTokenStats(nn.Module):
         """Per-token statistics; ``extra`` goes to the decoder (e.g. ``pixel_values``).
 
         With ``packed`` rows (several records per row), attention is restricted to each record:
-        flash attention gets the restarting ``position_ids`` alone, other backends a block-diagonal
-        causal mask built from ``sequence_ids``.
+        flash attention gets the restarting ``position_ids`` alone, ``sdpa`` (run as
+        ``attention.VARLEN_SDPA``) each record's span, other backends a block-diagonal causal mask
+        built from ``sequence_ids``.
         """
         if packed:
-            implementation = getattr(hf_model(self.lm).config, "_attn_implementation", None) or "eager"
+            implementation = self.attn_implementation()
             if "flash" in implementation:
                 attention_mask = None
+            elif implementation == attention.VARLEN_SDPA:
+                # an all-ones mask: transformers then builds no mask of its own (records are the spans)
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+                extra["packed_segments"] = attention.segment_lengths(sequence_ids)
             else:
                 attention_mask = packed_attention_mask(sequence_ids)
                 if implementation != "sdpa":  # eager and others add the mask to the scores

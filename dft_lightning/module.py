@@ -12,7 +12,7 @@ Logged per step: ``train/loss`` (the objective), ``train/nll`` (plain NLL, same 
 objective), ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s`` (supervised), token and
 padding counts, and the objective's own diagnostics.
 
-Not handled here: fp16 with loss scaling (use bf16), tensor parallelism, packing-aware attention.
+Not handled here: fp16 with loss scaling (use bf16), tensor parallelism.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ NUMBER = re.compile(r"^<?\s*(?P<value>[0-9]+(?:\.[0-9]+)?)")
 KEYS = [
     "dft_sft_step_ratio", "iwsft_sft_step_ratio", "memory_ratio_sft", "memory_ratio_dft", "memory_ratio_entropy",
     "padding_efficiency_packed", "padding_efficiency_padded", "padding_efficiency_unsorted", "tokens_per_s_packed",
-    "tokens_per_s_padded", "packing_speedup", "packing_speedup_unsorted", "fit_tokens_per_s",
+    "tokens_per_s_padded", "tokens_per_s_unsorted", "packing_speedup", "packing_speedup_grouped",
+    "packing_varlen_speedup", "fit_tokens_per_s",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dft_lightning.attention import VARLEN_SDPA, segment_lengths
 from dft_lightning.data.batching import PackedStepCollator, pack_records, pad_packed, pad_rows
 from dft_lightning.data.demo import DemoMathDataModule
 from dft_lightning.modeling import CausalLMWithTokenStats, load_causal_lm
@@ -64,3 +65,51 @@ def test_packing_keeps_every_token_and_fills_rows(rows):
     assert sum(load <= 256 for load in loads) <= 1  # first-fit-decreasing: at most one bin half empty
     with pytest.raises(ValueError, match="more than data.pack_length=16"):
         pack_records(rows, capacity=16)
+
+
+def test_segment_lengths():
+    seq = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 3, 3, 3, 3, 3], [4, 4, 4, 4, 4, 4]])
+    assert segment_lengths(seq) == [[3, 2, 1], [1, 5], [6]]
+
+
+def test_sdpa_runs_packed_rows_per_record_and_matches_the_dense_mask(tiny_dir, rows):
+    """sdpa decoders switch to the per-record backend; it equals the block-diagonal mask, gradients too."""
+    varlen = CausalLMWithTokenStats(load_causal_lm(str(tiny_dir), attn_implementation="sdpa"), chunk_size=64)
+    assert varlen.attn_implementation() == VARLEN_SDPA
+    dense = CausalLMWithTokenStats(load_causal_lm(str(tiny_dir), attn_implementation="sdpa"), chunk_size=64)
+    dense.lm.config._attn_implementation = "sdpa"  # the dense block-diagonal mask path
+    assert dense.attn_implementation() == "sdpa"
+    batch = pad_packed(pack_records(rows, capacity=400), pad_id=0)
+    assert batch["input_ids"].shape[0] >= 2 and (batch["sequence_ids"] < 0).any()  # several rows, padding
+    keys = ("input_ids", "labels", "attention_mask", "position_ids", "sequence_ids", "packed")
+    results = []
+    for model in (varlen, dense):
+        logp, _ = model(**{k: batch[k] for k in keys})
+        mask = batch["labels"][:, 1:] != -100
+        logp[mask].sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((logp[mask].detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_backend_is_not_saved_in_the_exported_config(tiny_dir, tmp_path):
+    model = CausalLMWithTokenStats(load_causal_lm(str(tiny_dir), attn_implementation="sdpa"))
+    assert model.attn_implementation() == VARLEN_SDPA
+    model.lm.save_pretrained(tmp_path)
+    assert VARLEN_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_varlen_backend_rejects_what_it_cannot_do():
+    from dft_lightning.attention import varlen_sdpa_forward
+
+    module = torch.nn.Module()
+    q = k = v = torch.zeros(1, 2, 6, 4)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[3, 3]], sliding_window=4)
+    with pytest.raises(ValueError, match="covers 5 tokens, the row has 6"):
+        varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[3, 2]])
+    out, _ = varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[2, 4]])
+    assert out.shape == (1, 6, 2, 4)
