@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -364,9 +365,17 @@ def export_hf(
             inner.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    source = Path(str(getattr(inner.config, "_name_or_path", "") or ""))
-    if (source / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
-        shutil.copy2(source / "preprocessor_config.json", out / "preprocessor_config.json")
+    name = str(getattr(inner.config, "_name_or_path", "") or "")
+    if (Path(name) / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
+        shutil.copy2(Path(name) / "preprocessor_config.json", out / "preprocessor_config.json")
+    elif name and getattr(inner.config, "vision_config", None) is not None:  # a hub id: its cached processor
+        from transformers import AutoImageProcessor
+
+        try:
+            AutoImageProcessor.from_pretrained(name).save_pretrained(out)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"export to {out}: no image processor saved ({e}); image prompts will not load it",
+                          stacklevel=2)
     (out / "dft_lightning.json").write_text(json.dumps({"merged_lora": is_peft and merge_lora_weights}) + "\n")
     return out
 

@@ -50,7 +50,7 @@ def test_evaluation_config_parses(config):
 
     parser = build_parser()
     init = parser.instantiate_classes(parser.parse_args(["--config", str(config)]))
-    assert init.model and init.benchmarks and all(b.family in ("math", "code") for b in init.benchmarks)
+    assert init.model and init.benchmarks and all(b.family in ("math", "code", "multimodal") for b in init.benchmarks)
 
 
 def test_all_configs_are_covered():

@@ -94,6 +94,16 @@ def test_tiny_vl_trains_with_dft_through_the_cli(tmp_path):
     assert series(rows, "dft/weight_mean") and series(rows, "train/grad_norm")[0] > 0
     visual, language = changed_tensors(tmp_path)
     assert all(visual) and all(language)
+    # the export is a complete vision-language checkpoint: image prompts generate from it
+    from dft_lightning.evaluation.engines import HFEngine, SamplingParams
+    from dft_lightning.tiny_vl import draw_shape
+
+    export = next(tmp_path.rglob("hf/final"))
+    assert (export / "preprocessor_config.json").is_file()
+    prompt = [{"role": "user", "content": [{"type": "image", "image": draw_shape("circle", "red", (40, 40))},
+                                           {"type": "text", "text": "Which shape?"}]}]
+    [[completion]] = HFEngine(export).generate_completions([prompt], SamplingParams(n=1, temperature=0, max_tokens=4))
+    assert completion.token_ids
 
 
 def test_freeze_vision_keeps_the_vision_tower_unchanged(tmp_path):

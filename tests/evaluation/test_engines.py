@@ -225,6 +225,9 @@ class LLM:
             info = {"sampling": {k: v for k, v in vars(p).items()}, "kwargs": self.kwargs,
                     "rank": os.environ.get("RANK"), "mp": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
                     "orphan": self.orphan}
+            images = (prompt.get("multi_modal_data") or {}).get("image")
+            info["images"] = None if images is None else [
+                [list(im.size), list(im.getpixel((im.width // 2, im.height // 2)))] for im in images]
             ids = list(reversed(prompt["prompt_token_ids"]))
             outs = [_Completion(j, json.dumps({**info, "j": j}), ids, "length") for j in reversed(range(p.n))]
             results.append(_Output(outs))
