@@ -58,6 +58,8 @@ class DataReport:
     prompt_lengths: list[int] = field(default_factory=list)
     response_lengths: list[int] = field(default_factory=list)
     max_examples: int = 5
+    sampled: int | None = None  # data.max_samples, when it drew from a larger source
+    source_rows: int | None = None
 
     def drop(self, row_id: str, reason: str, detail: str = "") -> None:
         self.dropped[reason] += 1
@@ -87,6 +89,7 @@ class DataReport:
         lines = [
             f"[{self.split}] rows read {self.read}, kept {self.kept}, truncated {self.truncated}, "
             f"dropped {sum(self.dropped.values())}"
+            + (f" (max_samples {self.sampled} of {self.source_rows} source rows)" if self.sampled is not None else "")
         ]
         for reason, count in sorted(self.dropped.items()):
             detail = f" ({self.details[reason]})" if reason in self.details else ""

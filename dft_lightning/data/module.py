@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from dft_lightning.data.batching import PackedStepCollator, StepBatchSampler, StepCollator, StepDataset
@@ -44,7 +44,7 @@ class ChatDataModule(L.LightningDataModule):
         overlong: ``drop`` rows over ``max_length`` or ``truncate`` them (both counted).
         batch_size: rows per optimizer step, across all devices (the paper uses 256).
         micro_batch_size: rows per forward/backward pass on one device; accumulation follows.
-        max_samples: sample this many training rows at random (with ``seed``) before conversion.
+        max_samples: keep this many training rows, drawn at random (with ``seed``) among the usable ones.
         seed: sampling and shuffling seed.
         strict: raise on the first dropped row instead of counting it.
         num_workers: data loader worker processes.
@@ -95,20 +95,29 @@ class ChatDataModule(L.LightningDataModule):
         return load_tokenizer(self.tokenizer_spec)
 
     def build(self, source: str, key: str, split: str, *, sample: int | None = None) -> tuple[list[dict], DataReport]:
-        """Read, convert and tokenise one source; returns the rows and their report."""
+        """Read, convert and tokenise one source; returns the rows and their report.
+
+        With ``sample``, rows are converted in a seeded random order until ``sample`` of them are
+        kept (dropped rows do not count), then kept in source order; fewer only when the source
+        runs out, which is warned about.
+        """
         report = DataReport(split=key.split(".")[-1])
         raw = list(iter_rows(source, key=key, split=split, name=self.subset))
-        report.read = len(raw)
+        order: list[int] = list(range(len(raw)))
         if sample is not None and sample < len(raw):
-            raw = [raw[i] for i in sorted(random.Random(self.seed).sample(range(len(raw)), sample))]
-            report.read = len(raw)
-        encoder = ChatEncoder(self.tokenizer, self.max_length, self.overlong)
-        rows: list[dict[str, Any]] = []
-        for row_id, row in _progress(raw, f"tokenising {key}"):
+            random.Random(self.seed).shuffle(order)
+            report.sampled, report.source_rows = sample, len(raw)
+        encoder = self.make_encoder()
+        kept: list[tuple[int, dict[str, Any]]] = []
+        for index in _progress(order, f"tokenising {key}"):
+            if sample is not None and len(kept) >= sample:
+                break
+            row_id, row = raw[index]
+            report.read += 1
             try:
                 if row is MALFORMED:
                     raise DropRow("malformed_json")
-                ids, labels, truncated = encoder.encode(self.row_to_messages(row))
+                encoded, truncated = self.encode_row(encoder, row)
             except DropRow as drop:
                 if self.strict:
                     detail = f" ({drop.detail})" if drop.detail else ""
@@ -116,14 +125,26 @@ class ChatDataModule(L.LightningDataModule):
                     raise DataError(message) from None
                 report.drop(row_id, drop.reason, drop.detail)
                 continue
+            labels = encoded["labels"]
             report.truncated += truncated
-            prompt_len = next((i for i, t in enumerate(labels) if t != -100), len(labels))
-            report.prompt_lengths.append(prompt_len)
+            report.prompt_lengths.append(next((i for i, t in enumerate(labels) if t != -100), len(labels)))
             report.response_lengths.append(sum(t != -100 for t in labels[1:]))
-            rows.append({"input_ids": ids, "labels": labels, "row_id": row_id})
+            kept.append((index, {**encoded, "row_id": row_id}))
+        rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
         report.kept = len(rows)
         self._check_schema(raw, report, source, key)
+        if report.sampled is not None and report.kept < report.sampled:
+            rank_zero_warn(f"{key}: data.max_samples={report.sampled} but only {report.kept} of the source's "
+                           f"{report.source_rows} rows are usable")
         return rows, report
+
+    def make_encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer, self.max_length, self.overlong)
+
+    def encode_row(self, encoder: ChatEncoder, row: Any) -> tuple[dict[str, Any], bool]:
+        """One raw row -> (``{"input_ids", "labels", ...}``, truncated); raises ``DropRow``."""
+        ids, labels, truncated = encoder.encode(self.row_to_messages(row))
+        return {"input_ids": ids, "labels": labels}, truncated
 
     def _check_schema(self, raw: list, report: DataReport, source: str, key: str) -> None:
         if report.read and report.dropped.get("missing_field", 0) == report.read:

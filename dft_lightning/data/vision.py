@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import base64
 import io
-import random
 import sys
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
@@ -60,8 +59,8 @@ from torch.utils.data import DataLoader
 
 from dft_lightning.data.batching import StepBatchSampler, StepDataset, pad_rows
 from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
-from dft_lightning.data.module import ChatDataModule, _progress
-from dft_lightning.data.sources import MALFORMED, _looks_local, iter_rows
+from dft_lightning.data.module import ChatDataModule
+from dft_lightning.data.sources import _looks_local
 from dft_lightning.errors import DataError
 
 URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://")
@@ -405,35 +404,16 @@ class VisionDataModule(ChatDataModule):
             self._root = path if path.is_dir() else path.parent
         else:
             self._root = Path(".")
-        report = DataReport(split=key.split(".")[-1])
-        raw = list(iter_rows(source, key=key, split=split, name=self.subset))
-        if sample is not None and sample < len(raw):
-            raw = [raw[i] for i in sorted(random.Random(self.seed).sample(range(len(raw)), sample))]
-        report.read = len(raw)
-        encoder = ChatEncoder(self.tokenizer, sys.maxsize, "drop")  # length is checked after image expansion
-        rows: list[dict[str, Any]] = []
-        for row_id, row in _progress(raw, f"tokenising {key}"):
-            try:
-                if row is MALFORMED:
-                    raise DropRow("malformed_json")
-                encoded, truncated = self.encode(encoder, self.row_to_messages(row))
-            except DropRow as drop:
-                if self.strict:
-                    detail = f" ({drop.detail})" if drop.detail else ""
-                    message = f"{key}: row {row_id} dropped: {drop.reason}{detail} (data.strict is true)"
-                    raise DataError(message) from None
-                report.drop(row_id, drop.reason, drop.detail)
-                continue
-            labels = encoded["labels"]
-            report.truncated += truncated
-            report.prompt_lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels)))
-            report.response_lengths.append(sum(t != IGNORE_INDEX for t in labels[1:]))
-            rows.append({**encoded, "row_id": row_id})
-        report.kept = len(rows)
-        self._check_schema(raw, report, source, key)
+        rows, report = super().build(source, key, split, sample=sample)
         images = sum(len(r["images"]) for r in rows)
         rank_zero_info(f"[{report.split}] {images} images in {len(rows)} kept rows")
         return rows, report
+
+    def make_encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer, sys.maxsize, "drop")  # length is checked after image expansion
+
+    def encode_row(self, encoder: ChatEncoder, row: Any) -> tuple[dict[str, Any], bool]:
+        return self.encode(encoder, self.row_to_messages(row))
 
     def _loader(self, name: str, *, shuffle: bool, drop_last: bool, global_batch: int) -> DataLoader:
         rank, world = self._world()

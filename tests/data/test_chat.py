@@ -143,3 +143,21 @@ def test_json_array_files_and_sampling_are_deterministic(tmp_path, tiny_dir):
     other = make_module(tiny_dir, path, max_samples=10, seed=4)
     other.setup("fit")
     assert [r["row_id"] for r in other.datasets["train"]] != picks[0]
+
+
+def test_max_samples_counts_kept_rows_not_drawn_ones(tmp_path, tiny_dir):
+    good = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    bad = [{"prompt": f"bad{i}"} for i in range(20)]  # missing response: dropped
+    path = write_rows(tmp_path / "t.jsonl", [r for pair in zip(good, bad, strict=True) for r in pair])
+    dm = make_module(tiny_dir, path, max_samples=12, seed=7)
+    dm.setup("fit")
+    report, rows = dm.reports["train"], dm.datasets["train"]
+    assert report.kept == len(rows) == 12  # exactly as asked, although half of the source is unusable
+    assert report.read == 12 + report.dropped["missing_field"] and report.read < 40  # stopped once 12 were kept
+    lines = [int(r["row_id"].split(":")[1]) for r in rows]
+    assert lines == sorted(lines) and all(n % 2 == 1 for n in lines)  # source order, good rows only
+    assert "max_samples 12 of 40 source rows" in report.summary()
+    with pytest.warns(UserWarning, match=r"data.max_samples=30 but only 20 of the source's 40 rows are usable"):
+        short = make_module(tiny_dir, path, max_samples=30, seed=7)
+        short.setup("fit")
+    assert len(short.datasets["train"]) == 20
