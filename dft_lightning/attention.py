@@ -9,8 +9,9 @@ unless the decoder is called with ``packed_segments`` (each row's record lengths
 runs causal ``sdpa`` on each record's slice of the row and concatenates the outputs.
 
 ``CausalLMWithTokenStats`` switches a decoder configured for ``sdpa`` to this backend (the exported
-config is unaffected: transformers does not save the attention backend). Sliding-window attention
-is not supported on packed rows (``NotImplementedError``).
+config is unaffected: transformers does not save the attention backend). Layers with a sliding
+window (Mistral, Qwen2 with ``use_sliding_window``) keep it: a record longer than the window gets a
+banded causal mask of its own length (token ``i`` sees ``j`` when ``i - window < j <= i``).
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ def varlen_sdpa_forward(
 
     if packed_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("packed rows with sliding-window attention: use attn_implementation "
-                                  "flash_attention_2 or data.packing=false")
+    window = kwargs.get("sliding_window")
     if len(packed_segments) != query.shape[0]:
         raise ValueError(f"packed_segments has {len(packed_segments)} rows, the batch {query.shape[0]}")
     kwargs.pop("is_causal", None)
@@ -48,14 +47,22 @@ def varlen_sdpa_forward(
         parts, start = [], 0
         for length in lengths:
             span = slice(start, start + length)
+            mask = _band(length, window, query.device) if window is not None and length > window else None
             out, _ = sdpa_attention_forward(
                 module, query[row : row + 1, :, span], key[row : row + 1, :, span], value[row : row + 1, :, span],
-                None, is_causal=True, **kwargs,
+                mask, is_causal=mask is None, **kwargs,
             )
             parts.append(out)
             start += length
         rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0), None
+
+
+def _band(length: int, window: int, device: torch.device) -> Tensor:
+    """``[1, 1, length, length]`` bool: causal, and at most ``window - 1`` tokens back."""
+    index = torch.arange(length, device=device)
+    distance = index[:, None] - index[None, :]
+    return ((distance >= 0) & (distance < window))[None, None]
 
 
 def segment_lengths(sequence_ids: Tensor) -> list[list[int]]:

@@ -201,6 +201,10 @@ class CausalLMWithTokenStats(nn.Module):
         text_config = getattr(config, "text_config", None) or config
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         attention.use_varlen_sdpa(text_config)  # packed rows without a [time x time] mask
+        types = getattr(text_config, "layer_types", None)
+        self.sliding = ("sliding_attention" in types if types is not None else
+                        getattr(text_config, "sliding_window", None) is not None
+                        and getattr(text_config, "use_sliding_window", True))
 
     def attn_implementation(self) -> str:
         config = hf_model(self.lm).config
@@ -238,6 +242,9 @@ class CausalLMWithTokenStats(nn.Module):
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
                 extra["packed_segments"] = attention.segment_lengths(sequence_ids)
             else:
+                if self.sliding:  # one [B, 1, T, T] mask would serve every layer, windowed or not
+                    raise NotImplementedError(f"packed rows with {implementation} attention and sliding-window "
+                                              "layers: use attn_implementation sdpa or flash_attention_2")
                 attention_mask = packed_attention_mask(sequence_ids)
                 if implementation != "sdpa":  # eager and others add the mask to the scores
                     dtype = self.head().weight.dtype

@@ -102,14 +102,36 @@ def test_varlen_backend_is_not_saved_in_the_exported_config(tiny_dir, tmp_path):
     assert VARLEN_SDPA not in (tmp_path / "config.json").read_text()
 
 
-def test_varlen_backend_rejects_what_it_cannot_do():
+def test_varlen_backend_checks_the_segments():
     from dft_lightning.attention import varlen_sdpa_forward
 
     module = torch.nn.Module()
     q = k = v = torch.zeros(1, 2, 6, 4)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[3, 3]], sliding_window=4)
     with pytest.raises(ValueError, match="covers 5 tokens, the row has 6"):
         varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[3, 2]])
     out, _ = varlen_sdpa_forward(module, q, k, v, None, packed_segments=[[2, 4]])
     assert out.shape == (1, 6, 2, 4)
+
+
+def test_sliding_window_layers_keep_their_window_on_packed_rows(tiny_dir, rows, tmp_path):
+    """Records longer than the window: per record, packed rows give what transformers' own
+    sliding-window mask gives unpacked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.use_sliding_window, config.sliding_window = True, 8
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    AutoModelForCausalLM.from_pretrained(tiny_dir, config=config).save_pretrained(tmp_path)
+    model = CausalLMWithTokenStats(load_causal_lm(str(tmp_path), attn_implementation="sdpa"), chunk_size=64).eval()
+    assert model.attn_implementation() == VARLEN_SDPA
+    assert min(len(r["input_ids"]) for r in rows) > 8
+    packed = per_record(model, pad_packed(pack_records(rows, capacity=400), pad_id=0))
+    unpacked = per_record(model, pad_rows(rows, pad_id=0))
+    plain = CausalLMWithTokenStats(load_causal_lm(str(tiny_dir), attn_implementation="sdpa"), chunk_size=64).eval()
+    full_window = per_record(plain, pad_rows(rows, pad_id=0))
+    for row_id, (_, tokens) in unpacked.items():
+        torch.testing.assert_close(packed[row_id][1], tokens, rtol=1e-5, atol=1e-5, msg=row_id)
+    assert any(not torch.allclose(unpacked[r][0], full_window[r][0]) for r in unpacked)  # the window matters
+    eager = CausalLMWithTokenStats(load_causal_lm(str(tmp_path), attn_implementation="eager"), chunk_size=64)
+    with pytest.raises(NotImplementedError, match="eager attention and sliding-window layers"):
+        per_record(eager, pad_packed(pack_records(rows, capacity=400), pad_id=0))
