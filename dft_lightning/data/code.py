@@ -142,6 +142,10 @@ class CodeDataModule(ChatDataModule):
         seed: sampling and shuffling seed.
         strict: raise on the first dropped row instead of counting it.
         num_workers: data loader worker processes.
+        packing: pack several records into each row (attention stays within a record).
+        pack_length: tokens per packed row (default ``max_length``).
+        cache: keep the tokenised rows on disk and read them back on the next run with the same source,
+            tokenizer and settings (``dft_lightning.data.cache``).
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class CodeDataModule(ChatDataModule):
         val_fraction: float = 0.0, system_prompt: str | None = None, prompt_template: str = "{prompt}",
         max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
         micro_batch_size: int = 4, seed: int = 42, strict: bool = False, num_workers: int = 0,
+        packing: bool = False, pack_length: int | None = None, cache: bool = True,
     ) -> None:
         if num_samples is not None and num_samples < 1:
             raise DataError(f"data.num_samples must be positive, got {num_samples}")
@@ -160,7 +165,8 @@ class CodeDataModule(ChatDataModule):
             train=train, val=val, test=test, tokenizer=tokenizer, split=split, val_split=val_split, subset=subset,
             val_fraction=val_fraction, system_prompt=system_prompt, prompt_template=prompt_template,
             max_length=max_length, overlong=overlong, batch_size=batch_size, micro_batch_size=micro_batch_size,
-            max_samples=num_samples, seed=seed, strict=strict, num_workers=num_workers,
+            max_samples=num_samples, seed=seed, strict=strict, num_workers=num_workers, packing=packing,
+            pack_length=pack_length, cache=cache,
         )
         self.fields = fields or FeedbackFields()
         self.aspects = list(aspects) if aspects is not None else None

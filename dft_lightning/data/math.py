@@ -111,6 +111,10 @@ class MathDataModule(ChatDataModule):
         seed: sampling and shuffling seed.
         strict: raise on the first dropped row instead of counting it.
         num_workers: data loader worker processes.
+        packing: pack several records into each row (attention stays within a record).
+        pack_length: tokens per packed row (default ``max_length``).
+        cache: keep the tokenised rows on disk and read them back on the next run with the same source,
+            tokenizer and settings (``dft_lightning.data.cache``).
     """
 
     def __init__(
@@ -120,7 +124,7 @@ class MathDataModule(ChatDataModule):
         val_split: str = "test", subset: str | None = None, val_fraction: float = 0.0,
         system_prompt: str | None = None, max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop",
         batch_size: int = 256, micro_batch_size: int = 4, seed: int = 42, strict: bool = False,
-        num_workers: int = 0,
+        num_workers: int = 0, packing: bool = False, pack_length: int | None = None, cache: bool = True,
     ) -> None:
         if source_format not in FORMAT_FIELDS:
             raise DataError(f"data.source_format must be one of {sorted(FORMAT_FIELDS)}, got {source_format!r}")
@@ -134,7 +138,7 @@ class MathDataModule(ChatDataModule):
             train=train, val=val, test=test, tokenizer=tokenizer, split=split, val_split=val_split, subset=subset,
             val_fraction=val_fraction, system_prompt=system_prompt, max_length=max_length, overlong=overlong,
             batch_size=batch_size, micro_batch_size=micro_batch_size, max_samples=num_samples, seed=seed,
-            strict=strict, num_workers=num_workers,
+            strict=strict, num_workers=num_workers, packing=packing, pack_length=pack_length, cache=cache,
         )
         self.source_format, self.prompt_style, self.max_trace_tokens = source_format, prompt_style, max_trace_tokens
         self.fields = fields or MathFields()  # named by the base class's "field missing everywhere" error

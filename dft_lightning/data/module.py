@@ -51,7 +51,11 @@ class ChatDataModule(L.LightningDataModule):
         packing: pack several records into each row (attention stays within a record); then
             ``micro_batch_size`` counts packed rows.
         pack_length: tokens per packed row (default ``max_length``).
+        cache: keep the tokenised rows on disk (``$DFT_LIGHTNING_CACHE/tokenised``) and read them back when
+            the source, tokenizer and settings are the same (``dft_lightning.data.cache`` says what counts).
     """
+
+    cacheable = True  # rows are input_ids / labels / row_id only
 
     def __init__(
         self, train: str, val: str | None = None, test: str | None = None, tokenizer: str | None = None,
@@ -60,7 +64,7 @@ class ChatDataModule(L.LightningDataModule):
         fields: FieldMap | None = None, system_prompt: str | None = None, prompt_template: str = "{prompt}",
         max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
         micro_batch_size: int = 4, max_samples: int | None = None, seed: int = 42, strict: bool = False,
-        num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
+        num_workers: int = 0, packing: bool = False, pack_length: int | None = None, cache: bool = True,
     ) -> None:
         super().__init__()
         if micro_batch_size < 1 or batch_size < 1:
@@ -76,6 +80,7 @@ class ChatDataModule(L.LightningDataModule):
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.max_samples, self.seed, self.strict, self.num_workers = max_samples, seed, strict, num_workers
         self.packing, self.pack_length = packing, pack_length or max_length
+        self.cache = cache
         if self.packing and self.pack_length < max_length:
             raise DataError(f"data.pack_length={pack_length} is shorter than data.max_length={max_length}")
         self.tokenizer: Any = None
@@ -95,6 +100,28 @@ class ChatDataModule(L.LightningDataModule):
         return load_tokenizer(self.tokenizer_spec)
 
     def build(self, source: str, key: str, split: str, *, sample: int | None = None) -> tuple[list[dict], DataReport]:
+        """Read, convert and tokenise one source, or read its rows back from the cache (``data.cache``,
+        ``dft_lightning.data.cache``); returns the rows and their report."""
+        path = None
+        if self.cache and self.cacheable:
+            from dft_lightning.data import cache
+            from dft_lightning.modeling import cache_root
+
+            path = cache.entry_path(cache_root() / "tokenised", cache.cache_key(self, source, split, sample))
+            hit = cache.load_rows(path)
+            if hit is not None:
+                rows, report = hit
+                rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")
+                self._warn_short(key, report)
+                return rows, report
+        rows, report = self.tokenise(source, key, split, sample=sample)
+        if path is not None:
+            cache.save_rows(path, rows, report)
+        return rows, report
+
+    def tokenise(
+        self, source: str, key: str, split: str, *, sample: int | None = None
+    ) -> tuple[list[dict], DataReport]:
         """Read, convert and tokenise one source; returns the rows and their report.
 
         With ``sample``, rows are converted in a seeded random order until ``sample`` of them are
@@ -133,10 +160,14 @@ class ChatDataModule(L.LightningDataModule):
         rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
         report.kept = len(rows)
         self._check_schema(raw, report, source, key)
+        self._warn_short(key, report)
+        return rows, report
+
+    @staticmethod
+    def _warn_short(key: str, report: DataReport) -> None:
         if report.sampled is not None and report.kept < report.sampled:
             rank_zero_warn(f"{key}: data.max_samples={report.sampled} but only {report.kept} of the source's "
                            f"{report.source_rows} rows are usable")
-        return rows, report
 
     def make_encoder(self) -> ChatEncoder:
         return ChatEncoder(self.tokenizer, self.max_length, self.overlong)

@@ -404,10 +404,12 @@ class VisionDataModule(ChatDataModule):
             self._root = path if path.is_dir() else path.parent
         else:
             self._root = Path(".")
-        rows, report = super().build(source, key, split, sample=sample)
+        rows, report = self.tokenise(source, key, split, sample=sample)
         images = sum(len(r["images"]) for r in rows)
         rank_zero_info(f"[{report.split}] {images} images in {len(rows)} kept rows")
         return rows, report
+
+    cacheable = False  # rows carry image references (and decoded images from the hub)
 
     def make_encoder(self) -> ChatEncoder:
         return ChatEncoder(self.tokenizer, sys.maxsize, "drop")  # length is checked after image expansion

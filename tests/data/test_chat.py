@@ -136,7 +136,7 @@ def test_json_array_files_and_sampling_are_deterministic(tmp_path, tiny_dir):
     path.write_text(json.dumps(rows))
     picks = []
     for _ in range(2):
-        dm = make_module(tiny_dir, path, max_samples=10, seed=3)
+        dm = make_module(tiny_dir, path, max_samples=10, seed=3, cache=False)  # sample twice, not read back
         dm.setup("fit")
         picks.append([r["row_id"] for r in dm.datasets["train"]])
     assert picks[0] == picks[1] and len(picks[0]) == 10

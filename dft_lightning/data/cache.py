@@ -1,0 +1,178 @@
+"""A disk cache of tokenised rows: a second run (another objective, seed or learning rate of a sweep,
+a resumed job) reads its rows back instead of reading and tokenising the source again.
+
+An entry is keyed by everything that decides the rows:
+
+* the source: a local file or directory by path, size and modification time of every data file in it;
+  a hub dataset by id, split and configuration name (a new upstream revision under the same id is
+  *not* noticed: pass ``data.cache=false`` or a local copy when that matters);
+* the tokenizer: its full serialisation (vocabulary, merges, normaliser, pre-tokeniser), chat template
+  and special tokens;
+* the data module: its class and every public JSON-serialisable setting (fields, prompt template,
+  max length, over-long policy, sampling size and seed, ...), minus those that only batch the rows;
+* the data code: a hash of ``dft_lightning/data/*.py`` and of the files that define a data module
+  subclass of your own, so a change to conversion rules never serves rows built by the old ones.
+
+An entry holds the rows (token ids as one flat int32 tensor with offsets, a supervised-token mask, row ids) and the
+split's ``DataReport``; it is written to a temporary file and renamed, so concurrent ranks building the
+same entry on a shared filesystem cannot leave a torn file. Entries live under
+``$DFT_LIGHTNING_CACHE/tokenised`` and are never evicted (``rm -r`` that folder to reclaim space).
+
+Not handled here: rows that carry more than ``input_ids``/``labels``/``row_id`` (image rows: the vision
+module does not cache), eviction, sharing entries across package versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dft_lightning.data.chat import IGNORE_INDEX, DataReport
+
+__all__ = ["ROW_KEYS", "cache_key", "load_rows", "save_rows"]
+
+ROW_KEYS = ("input_ids", "labels", "row_id")
+FORMAT = 1
+#: data module attributes that only batch or check rows (or name the tokenizer, keyed by its content instead)
+NOT_KEYED = frozenset({
+    "batch_size", "micro_batch_size", "num_workers", "packing", "pack_length", "val_fraction", "strict", "cache",
+    "datasets", "reports", "tokenizer", "tokenizer_spec", "prepare_data_per_node",
+    "allow_zero_length_dataloader_with_multiple_devices",
+})
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    digest = hashlib.sha256(f"format {FORMAT}".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: str, split: str, subset: str | None) -> dict[str, Any]:
+    from dft_lightning.data.sources import LOCAL_SUFFIXES, _looks_local
+
+    if not _looks_local(source):
+        return {"hub": source, "split": split, "subset": subset}
+    path = Path(source).expanduser().resolve()
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    return {"files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()]}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    digest.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return digest.hexdigest()
+
+
+def class_code(module: Any) -> str:
+    """A hash of the files defining the module's classes outside this package (a user's data module)."""
+    digest = hashlib.sha256()
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("dft_lightning.", "lightning.", "builtins")):
+            continue
+        try:
+            source = inspect.getsourcefile(cls)
+        except TypeError:
+            source = None
+        digest.update(Path(source).read_bytes() if source and Path(source).is_file() else cls.__qualname__.encode())
+    return digest.hexdigest()
+
+
+def module_settings(module: Any) -> dict[str, Any]:
+    """The data module's public settings that can be written as JSON (dataclasses as dicts)."""
+    settings: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
+                                "class_code": class_code(module)}
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_") or name in NOT_KEYED:
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        try:
+            settings[name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue
+    return settings
+
+
+def cache_key(module: Any, source: str, split: str, sample: int | None) -> str:
+    parts = {
+        "code": code_fingerprint(),
+        "source": source_fingerprint(source, split, getattr(module, "subset", None)),
+        "split": split,
+        "sample": sample,
+        "tokenizer": tokenizer_fingerprint(module.tokenizer),
+        "module": module_settings(module),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def entry_path(root: Path, key: str) -> Path:
+    return root / key[:2] / f"{key}.pt"
+
+
+def save_rows(path: Path, rows: list[dict[str, Any]], report: DataReport) -> None:
+    lengths = [len(r["input_ids"]) for r in rows]
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32)
+    labels = torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.int32)
+    supervised = labels != IGNORE_INDEX
+    exact = bool(torch.equal(labels[supervised], ids[supervised]))  # labels are the ids or ignored: 1 byte each
+    payload = {
+        "format": FORMAT,
+        "input_ids": ids,
+        "supervised" if exact else "labels": supervised if exact else labels,
+        "offsets": offsets,
+        "row_ids": [r["row_id"] for r in rows],
+        "report": {**dataclasses.asdict(report), "dropped": dict(report.dropped)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_rows(path: Path) -> tuple[list[dict[str, Any]], DataReport] | None:
+    """The cached rows and report, or ``None`` when there is no readable entry."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+        return None
+    if payload.get("format") != FORMAT:
+        return None
+    if "supervised" in payload:
+        flat = payload["input_ids"]
+        labels_t = torch.where(payload["supervised"], flat, torch.full_like(flat, IGNORE_INDEX))
+    else:
+        labels_t = payload["labels"]
+    ids, labels, offsets = payload["input_ids"].tolist(), labels_t.tolist(), payload["offsets"].tolist()
+    rows = [{"input_ids": ids[a:b], "labels": labels[a:b], "row_id": row_id}
+            for a, b, row_id in zip(offsets[:-1], offsets[1:], payload["row_ids"], strict=True)]
+    fields = dict(payload["report"])
+    fields["dropped"] = Counter(fields["dropped"])
+    return rows, DataReport(**fields)
