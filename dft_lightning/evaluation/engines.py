@@ -282,7 +282,7 @@ class HFEngine(Engine):
                     raise ValueError(f"prompt {i} has images but {self.model_path} is a text-only model")
                 if self._vision_encoder is None:
                     self._vision_encoder = VisionPromptEncoder(self.tokenizer, str(self.model_path), self._config)
-                encoded[i] = self._vision_encoder.encode(prompt, i)
+                encoded[i] = self._vision_encoder.defer(prompt, i)  # pixels when its batch runs
         return encoded  # type: ignore[return-value]
 
     def _request(self, prompt_ids: list[EncodedPrompt], params: SamplingParams) -> list[list[Completion]]:
@@ -305,6 +305,11 @@ class HFEngine(Engine):
         import torch
         from transformers import StoppingCriteriaList
 
+        made: dict[int, EncodedPrompt] = {}  # a prompt's n sample rows share its pixels
+        for p in prompts:
+            if p.source is not None and id(p) not in made:
+                made[id(p)] = self._vision_encoder.encode(p.source, p.index)
+        prompts = [made.get(id(p), p) for p in prompts]
         width = max(len(p.ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -45,13 +45,20 @@ def is_multimodal(prompt: Any) -> bool:
 
 @dataclass
 class EncodedPrompt:
-    """``ids``: token ids with each image's placeholder expanded; ``short_ids``: one placeholder per image."""
+    """``ids``: token ids with each image's placeholder expanded; ``short_ids``: one placeholder per image.
+
+    A *deferred* prompt (``source`` set, from ``VisionPromptEncoder.defer``) has checked ids but no pixels
+    yet: ``VisionPromptEncoder.encode(source, index)`` makes them when its batch is generated, so a whole
+    benchmark's images are never decoded into memory at once.
+    """
 
     ids: list[int]
     short_ids: list[int]
     images: list[Any]
     pixel_values: Any = None
     image_grid_thw: Any = None
+    source: Any = None
+    index: int = 0
 
 
 def _template_messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -84,24 +91,34 @@ class VisionPromptEncoder:
             raise ValueError(f"{model_path}: no image processor for multimodal prompts: {e}") from None
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
 
-    def encode(self, prompt: Sequence[Mapping[str, Any]], index: int = 0, pixels: bool = True) -> EncodedPrompt:
-        """``pixels=False``: images opened and placeholders counted, no image processor run (``ids`` unexpanded)."""
-        from dft_lightning.evaluation.benchmarks.multimodal import load_image
-
-        refs = image_parts(prompt)
-        try:
-            images = [load_image(ref).convert("RGB") for ref in refs]
-        except (OSError, ValueError) as e:
-            raise ValueError(f"prompt {index}: cannot open an image: {e}") from None
+    def short_ids(self, prompt: Sequence[Mapping[str, Any]], index: int = 0) -> list[int]:
+        """The chat's token ids with one placeholder per image part (checked); no image is opened."""
         text = self.tokenizer.apply_chat_template(_template_messages(prompt), tokenize=False,
                                                   add_generation_prompt=True)
         short = [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
-        placeholders = short.count(self.image_token_id)
-        if placeholders != len(images):
+        placeholders, images = short.count(self.image_token_id), len(image_parts(prompt))
+        if placeholders != images:
             raise ValueError(f"prompt {index}: the chat template wrote {placeholders} image placeholders for "
-                             f"{len(images)} images; use the checkpoint's own vision-language chat template")
-        if not pixels:
-            return EncodedPrompt(short, short, images)
+                             f"{images} images; use the checkpoint's own vision-language chat template")
+        return short
+
+    def defer(self, prompt: Sequence[Mapping[str, Any]], index: int = 0) -> EncodedPrompt:
+        """A checked prompt whose pixels are made later (``encode``)."""
+        short = self.short_ids(prompt, index)
+        return EncodedPrompt(short, short, [], source=prompt, index=index)
+
+    def open_images(self, prompt: Sequence[Mapping[str, Any]], index: int = 0) -> list[Any]:
+        from dft_lightning.evaluation.benchmarks.multimodal import load_image
+
+        try:
+            return [load_image(ref).convert("RGB") for ref in image_parts(prompt)]
+        except (OSError, ValueError) as e:
+            raise ValueError(f"prompt {index}: cannot open an image: {e}") from None
+
+    def encode(self, prompt: Sequence[Mapping[str, Any]], index: int = 0) -> EncodedPrompt:
+        """Ids with each placeholder expanded to its image's token count, and the pixels."""
+        short = self.short_ids(prompt, index)
+        images = self.open_images(prompt, index)
         out = self.image_processor(images=images, return_tensors="pt")
         counts = iter((out["image_grid_thw"].prod(-1) // self.merge**2).tolist())
         ids: list[int] = []

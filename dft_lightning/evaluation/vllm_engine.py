@@ -201,12 +201,13 @@ class VLLMEngine(Engine):
             rows[i] = {"prompt_token_ids": ids}
         for i, prompt in enumerate(prompts):
             if rows[i] is None:
-                encoded = self._vision().encode(prompt, i, pixels=False)
+                vision = self._vision()
+                short = vision.short_ids(prompt, i)
                 names = []
-                for k, image in enumerate(encoded.images):
+                for k, image in enumerate(vision.open_images(prompt, i)):  # one prompt's images in memory at a time
                     names.append(f"image-{job}-{i}-{k}.png")
                     image.save(work / names[-1], format="PNG")
-                rows[i] = {"prompt_token_ids": encoded.short_ids, "images": names}
+                rows[i] = {"prompt_token_ids": short, "images": names}
         return rows  # type: ignore[return-value]
 
     def _vision(self) -> VisionPromptEncoder:

@@ -69,7 +69,9 @@ def test_hf_engine_output_depends_on_the_pixels(vl_dir):
     engine = HFEngine(vl_dir, batch_size=8)
     scores = []
     for image in (draw_shape("circle", "red", (56, 56)), draw_shape("square", "blue", (56, 56))):
-        [encoded] = engine._encode([chat(image)])
+        [deferred] = engine._encode([chat(image)])
+        assert deferred.pixel_values is None and deferred.source is not None  # pixels only when its batch runs
+        encoded = engine._vision_encoder.encode(deferred.source, deferred.index)
         ids = torch.tensor([encoded.ids])
         with torch.no_grad():
             out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids),
