@@ -15,7 +15,8 @@ An entry is keyed by everything that decides the rows:
 
 An entry holds the rows (token ids as one flat int32 tensor with offsets, a supervised-token mask, row ids) and the
 split's ``DataReport``; it is written to a temporary file and renamed, so concurrent ranks building the
-same entry on a shared filesystem cannot leave a torn file. Entries live under
+same entry on a shared filesystem cannot leave a torn file, and a lock file beside it lets one process
+(the first rank) tokenise while the others wait and read its entry. Entries live under
 ``$DFT_LIGHTNING_CACHE/tokenised`` and are never evicted (``rm -r`` that folder to reclaim space).
 
 Not handled here: rows that carry more than ``input_ids``/``labels``/``row_id`` (image rows: the vision
@@ -24,13 +25,16 @@ module does not cache), eviction, sharing entries across package versions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -126,6 +130,34 @@ def cache_key(module: Any, source: str, split: str, sample: int | None) -> str:
 
 def entry_path(root: Path, key: str) -> Path:
     return root / key[:2] / f"{key}.pt"
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, on_wait: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock beside ``path`` (``<entry>.lock``), so one process builds an entry while the
+    others wait and then read it. ``on_wait()`` runs before blocking. Where the filesystem has no locks
+    every process builds (the entry is still written atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locking here (some network filesystems)
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_rows(path: Path, rows: list[dict[str, Any]], report: DataReport) -> None:

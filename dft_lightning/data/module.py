@@ -102,22 +102,27 @@ class ChatDataModule(L.LightningDataModule):
     def build(self, source: str, key: str, split: str, *, sample: int | None = None) -> tuple[list[dict], DataReport]:
         """Read, convert and tokenise one source, or read its rows back from the cache (``data.cache``,
         ``dft_lightning.data.cache``); returns the rows and their report."""
-        path = None
         if self.cache and self.cacheable:
             from dft_lightning.data import cache
             from dft_lightning.modeling import cache_root
 
             path = cache.entry_path(cache_root() / "tokenised", cache.cache_key(self, source, split, sample))
             hit = cache.load_rows(path)
-            if hit is not None:
-                rows, report = hit
-                rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")
-                self._warn_short(key, report)
-                return rows, report
-        rows, report = self.tokenise(source, key, split, sample=sample)
-        if path is not None:
-            cache.save_rows(path, rows, report)
-        return rows, report
+            if hit is None:
+                def waiting() -> None:
+                    print(f"{key}: waiting for another process to tokenise {source} ({path})", flush=True)
+
+                with cache.build_lock(path, on_wait=waiting):  # one rank tokenises, the others read its entry
+                    hit = cache.load_rows(path)
+                    if hit is None:
+                        rows, report = self.tokenise(source, key, split, sample=sample)
+                        cache.save_rows(path, rows, report)
+                        return rows, report
+            rows, report = hit
+            rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")
+            self._warn_short(key, report)
+            return rows, report
+        return self.tokenise(source, key, split, sample=sample)
 
     def tokenise(
         self, source: str, key: str, split: str, *, sample: int | None = None

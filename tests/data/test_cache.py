@@ -3,7 +3,9 @@ misses; batching settings do not; damaged entries are rebuilt; ``cache=False`` w
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -122,3 +124,42 @@ def test_a_data_module_of_your_own_is_keyed_by_its_code(tmp_path, tiny_dir, cach
     finally:
         sys.modules.pop("my_data", None)
     assert len(entries(cache_dir)) == 2 and first[0]["input_ids"] != second[0]["input_ids"]
+
+
+class SlowData(ChatDataModule):
+    """Tokenises slowly and records whether it did."""
+
+    tokenised = False
+
+    def row_to_messages(self, row):
+        time.sleep(0.05)
+        return super().row_to_messages(row)
+
+    def tokenise(self, *args, **kwargs):
+        self.tokenised = True
+        return super().tokenise(*args, **kwargs)
+
+
+def _build_in_child(cache_root, train, tokenizer, queue):
+    os.environ["DFT_LIGHTNING_CACHE"] = cache_root
+    dm = SlowData(train=train, tokenizer=tokenizer, batch_size=2)
+    dm.setup("fit")
+    queue.put((dm.tokenised, [r["input_ids"] for r in dm.datasets["train"]]))
+
+
+def test_concurrent_processes_tokenise_once(tmp_path, tiny_dir, cache_dir):
+    """As ranks starting together: one tokenises, the other waits for the lock and reads its entry."""
+    path = rows_of(tmp_path)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_build_in_child, args=(str(cache_dir.parent), str(path), str(tiny_dir), queue))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert sorted(tokenised for tokenised, _ in results) == [False, True]
+    assert results[0][1] == results[1][1] and len(results[0][1]) == 12
+    assert len(entries(cache_dir)) == 1
