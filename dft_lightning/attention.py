@@ -86,10 +86,16 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
 
 
-def use_varlen_sdpa(config: Any) -> bool:
-    """Switch a decoder ``config`` from ``sdpa`` to ``VARLEN_SDPA`` (same results on unpacked rows)."""
+def use_varlen_sdpa(config: Any, model: Any = None) -> bool:
+    """Switch a decoder ``config`` from ``sdpa`` to ``VARLEN_SDPA`` (same results on unpacked rows).
+
+    Only for models that look their attention function up by name (transformers'
+    ``_supports_attention_backend``); others keep ``sdpa`` and the dense block-diagonal mask.
+    """
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return getattr(config, "_attn_implementation", None) == VARLEN_SDPA
+    if model is not None and not getattr(model, "_supports_attention_backend", False):
+        return False
     register()
     config._attn_implementation = VARLEN_SDPA
     return True

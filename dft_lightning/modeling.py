@@ -200,7 +200,7 @@ class CausalLMWithTokenStats(nn.Module):
         config = hf_model(lm).config
         text_config = getattr(config, "text_config", None) or config
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
-        attention.use_varlen_sdpa(text_config)  # packed rows without a [time x time] mask
+        attention.use_varlen_sdpa(text_config, hf_model(lm))  # packed rows without a [time x time] mask
         types = getattr(text_config, "layer_types", None)
         self.sliding = ("sliding_attention" in types if types is not None else
                         getattr(text_config, "sliding_window", None) is not None
