@@ -10,8 +10,9 @@ benchmarks at the global step to every logger, and keeps the generations with th
 With ``shard_across_ranks: true`` every rank evaluates its share of the problems instead (each
 child on its own GPU, reading the exported weights from a file system all ranks share), and the
 per-benchmark sums are added up across ranks with torchmetrics, which gives exactly the metrics of
-one unsharded run. The training process keeps its memory during an evaluation: on GPUs lower
-``engine.gpu_memory_utilization`` so vLLM fits beside it.
+one unsharded run (per-group breakdowns of multimodal benchmarks stay in each rank's own
+``summary.json``; ``run.combine_totals`` adds them up offline). The training process keeps its
+memory during an evaluation: on GPUs lower ``engine.gpu_memory_utilization`` so vLLM fits beside it.
 
 A benchmark ``source`` of ``data:val`` or ``data:test`` names the data module's own validation or
 test file (the demo evaluates on its held-out split this way).

@@ -208,6 +208,9 @@ def evaluate_model(
             "avg_sum": avg_at_k(grades) * len(grades) if grades else 0.0,
             "pass_sum": mean_pass_at_k(grades, k) * len(grades) if grades else 0.0,
         }
+        groups = _group_sums(bench, grades, k)
+        if groups:
+            totals[spec.name]["groups"] = groups
         if out:
             with (out / f"{spec.name}.jsonl").open("w") as f:
                 for problem, completions, marks in zip(bench.problems, samples, grades, strict=True):
@@ -217,13 +220,38 @@ def evaluate_model(
                     f.write(json.dumps(row) + "\n")
     metrics = metrics_from_totals(totals)
     if out:
-        summary = {"model": model, "step": step, "shard": shard, "metrics": metrics, "totals": totals,
+        summary = {"model": model, "step": step, "shard": shard, "metrics": metrics,
+                   "breakdown": breakdown_from_totals(totals), "totals": totals,
                    "benchmarks": [asdict(b) for b in benchmarks],
                    "engine": asdict(engine) if isinstance(engine, EngineSpec) else type(engine).__name__,
                    "sampling": asdict(sampling),
                    "seconds": {"generate": generated - started, "total": time.perf_counter() - started}}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return metrics
+
+
+def _group_sums(bench, grades: list[list[bool]], k: int) -> dict[str, dict[str, float]]:
+    """Per-group sums (``"<field>=<value>"``: problems, avg_sum, pass_sum) over the benchmark's ``group_keys``."""
+    groups: dict[str, dict[str, float]] = {}
+    for key in getattr(bench, "group_keys", ()):
+        for problem, marks in zip(bench.problems, grades, strict=True):
+            value = problem.get(key, problem.get("meta", {}).get(key))
+            group = groups.setdefault(f"{key}={value}", {"problems": 0.0, "avg_sum": 0.0, "pass_sum": 0.0})
+            group["problems"] += 1
+            group["avg_sum"] += avg_at_k([marks])
+            group["pass_sum"] += mean_pass_at_k([marks], k)
+    return groups
+
+
+def breakdown_from_totals(totals: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{benchmark: {"<field>=<value>": {"problems", "avg@k", "pass@k"}}}`` for benchmarks with groups."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, t in totals.items():
+        k = int(t["k"])
+        for group, g in sorted(t.get("groups", {}).items()):
+            out.setdefault(name, {})[group] = {"problems": g["problems"], f"avg@{k}": g["avg_sum"] / g["problems"],
+                                               f"pass@{k}": g["pass_sum"] / g["problems"]}
+    return out
 
 
 def metrics_from_totals(totals: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -249,6 +277,10 @@ def combine_totals(parts: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
             into = combined.setdefault(name, {"k": t["k"], **dict.fromkeys(SUMMED, 0.0)})
             for key in SUMMED:
                 into[key] += t[key]
+            for group, sums in t.get("groups", {}).items():
+                target = into.setdefault("groups", {}).setdefault(group, dict.fromkeys(sums, 0.0))
+                for key, value in sums.items():
+                    target[key] += value
     return combined
 
 
@@ -285,6 +317,12 @@ def evaluate(
     output_dir = output_dir or str(Path("runs") / "eval" / Path(model.rstrip("/")).name.replace(":", "-"))
     metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step, shard)
     print(format_table(metrics))
+    summary = json.loads((Path(output_dir) / "summary.json").read_text())
+    for name, groups in summary.get("breakdown", {}).items():
+        print(f"{name} by group:")
+        for group, values in groups.items():
+            scores = ", ".join(f"{key} {value:.4f}" for key, value in values.items() if key != "problems")
+            print(f"  {group}: {scores} ({values['problems']:.0f} problems)")
     print(f"generations and summary.json in {output_dir}")
     return metrics
 

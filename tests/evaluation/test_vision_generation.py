@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dft_lightning.evaluation.engines import HFEngine, SamplingParams
+from dft_lightning.evaluation.engines import Completion, Engine, HFEngine, SamplingParams
 from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, evaluate_model
 from dft_lightning.evaluation.vision_inputs import VisionPromptEncoder, image_parts
 from dft_lightning.tiny_vl import draw_shape
@@ -127,3 +127,45 @@ def test_evaluate_a_multimodal_benchmark_end_to_end(vl_dir, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+class ByQuestion(Engine):
+    """Answers each image prompt from a key on its question text (no model): the scoring path alone."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def generate_many(self, requests):
+        out = []
+        for prompts, params in requests:
+            texts = [next(p["text"] for p in prompt[-1]["content"] if p["type"] == "text") for prompt in prompts]
+            out.append([[Completion(next(a for q, a in self.answers.items() if q in text), (), "stop")] * params.n
+                        for text in texts])
+        return out
+
+
+def test_group_breakdown_is_reported_and_adds_up_across_shards(tmp_path):
+    from dft_lightning.evaluation.run import breakdown_from_totals, combine_totals
+
+    draw_shape("circle", "red", (30, 30)).save(tmp_path / "0.png")
+    subjects, levels, answers, rows = ["angle", "angle", "area", "area"], [1, 2, 1, 2], {}, []
+    for i in range(4):
+        question = f"Question {i}: which option?"
+        rows.append({"id": i, "question": question, "options": ["1", "2", "3"], "image": "0.png", "answer": "B",
+                     "subject": subjects[i], "level": levels[i]})
+        answers[question] = "\\boxed{B}" if i < 3 else "\\boxed{C}"  # the last one is wrong
+    source = tmp_path / "mathvision_test.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = [BenchmarkSpec(name="mathvision", source=str(source))]
+    evaluate_model("unused", spec, ByQuestion(answers), Sampling(n=2), output_dir=str(tmp_path / "all"))
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    groups = summary["breakdown"]["mathvision"]
+    assert groups["subject=angle"] == {"problems": 2, "avg@2": 1.0, "pass@2": 1.0}
+    assert groups["subject=area"]["avg@2"] == 0.5 and groups["level=2"]["avg@2"] == 0.5
+    assert groups["level=1"]["avg@2"] == 1.0 and groups["question_type=multiple_choice"]["problems"] == 4
+    parts = []
+    for index in range(3):  # uneven shards; a shard may miss a group entirely
+        out = tmp_path / f"shard-{index}"
+        evaluate_model("unused", spec, ByQuestion(answers), Sampling(n=2), output_dir=str(out), shard=(index, 3))
+        parts.append(json.loads((out / "summary.json").read_text())["totals"])
+    assert breakdown_from_totals(combine_totals(parts)) == summary["breakdown"]

@@ -110,6 +110,11 @@ SCHEMAS: dict[str, MultimodalSchema] = {
     ),
 }
 MULTIMODAL_BENCHMARKS = tuple(SCHEMAS)
+GROUP_KEYS = {
+    "mathverse": ("question_type", "problem_version"),
+    "mathvision": ("question_type", "subject", "level"),
+    "wemath": ("question_type",),
+}
 _MC_VALUES = {"multi-choice", "multiple-choice", "multiple_choice", "multichoice", "choice", "mc"}
 
 # ------------------------------------------------------------------------------------------------- fields
@@ -345,6 +350,11 @@ class MultimodalBenchmark(GradedBenchmark):
     grader: ChoiceGrader = field(default_factory=ChoiceGrader)
     mc_instruction: str = MC_INSTRUCTION
     free_form_instruction: str = FREE_FORM_INSTRUCTION
+    group_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.group_keys:  # how each benchmark is usually broken down (``evaluate`` reports these)
+            self.group_keys = GROUP_KEYS.get(self.name.lower().replace("-", "").replace("_", ""), ("question_type",))
 
     @classmethod
     def load(cls, benchmark: str, source: str | Path | None = None, **kwargs: Any) -> MultimodalBenchmark:
