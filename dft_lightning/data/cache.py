@@ -137,10 +137,10 @@ def build_lock(path: Path, on_wait: Any = None) -> Iterator[None]:
     """Hold an exclusive lock beside ``path`` (``<entry>.lock``), so one process builds an entry while the
     others wait and then read it. ``on_wait()`` runs before blocking. Where the filesystem has no locks
     every process builds (the entry is still written atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - closed below
-    except OSError:
+    except OSError:  # an unwritable cache: build without it
         yield
         return
     with handle:

@@ -116,7 +116,11 @@ class ChatDataModule(L.LightningDataModule):
                     hit = cache.load_rows(path)
                     if hit is None:
                         rows, report = self.tokenise(source, key, split, sample=sample)
-                        cache.save_rows(path, rows, report)
+                        try:
+                            cache.save_rows(path, rows, report)
+                        except OSError as e:  # a full or read-only cache costs the next run time, not this one
+                            rank_zero_warn(f"{key}: tokenised rows not cached ({e}); set DFT_LIGHTNING_CACHE to a "
+                                           "writable folder, or data.cache=false")
                         return rows, report
             rows, report = hit
             rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")

@@ -163,3 +163,12 @@ def test_concurrent_processes_tokenise_once(tmp_path, tiny_dir, cache_dir):
     assert sorted(tokenised for tokenised, _ in results) == [False, True]
     assert results[0][1] == results[1][1] and len(results[0][1]) == 12
     assert len(entries(cache_dir)) == 1
+
+
+def test_an_unwritable_cache_warns_and_the_run_goes_on(tmp_path, tiny_dir, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("DFT_LIGHTNING_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match=r"data.train: tokenised rows not cached .*data.cache=false"):
+        dm = setup(tiny_dir, rows_of(tmp_path))
+    assert len(dm.datasets["train"]) == 12
