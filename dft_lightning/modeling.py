@@ -199,6 +199,7 @@ class CausalLMWithTokenStats(nn.Module):
         self.chunk_size = chunk_size
         config = hf_model(lm).config
         text_config = getattr(config, "text_config", None) or config
+        self.text_config = text_config  # the decoder's config (a vision-language model's text part)
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         attention.use_varlen_sdpa(text_config, hf_model(lm))  # packed rows without a [time x time] mask
         types = getattr(text_config, "layer_types", None)
@@ -207,9 +208,7 @@ class CausalLMWithTokenStats(nn.Module):
                         and getattr(text_config, "use_sliding_window", True))
 
     def attn_implementation(self) -> str:
-        config = hf_model(self.lm).config
-        config = getattr(config, "text_config", None) or config
-        return getattr(config, "_attn_implementation", None) or "eager"
+        return getattr(self.text_config, "_attn_implementation", None) or "eager"
 
     def decoder(self) -> nn.Module:
         inner = hf_model(self.lm)

@@ -43,7 +43,7 @@ import torch
 
 from dft_lightning.data.chat import IGNORE_INDEX, DataReport
 
-__all__ = ["ROW_KEYS", "cache_key", "load_rows", "save_rows"]
+__all__ = ["ROW_KEYS", "cache_key", "load_rows", "read_or_build", "save_rows"]
 
 ROW_KEYS = ("input_ids", "labels", "row_id")
 FORMAT = 1
@@ -158,6 +158,25 @@ def build_lock(path: Path, on_wait: Any = None) -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_or_build(path: Path, build: Any, on_wait: Any = None, on_unsaved: Any = None) -> tuple[list, DataReport, bool]:
+    """The entry at ``path``, or ``build()``'s rows and report, saved there; the last item says whether they
+    came from the cache. One process builds while the others wait on the lock, then read its entry.
+    ``on_unsaved(error)`` is told when the entry cannot be written (the rows are returned all the same)."""
+    hit = load_rows(path)
+    if hit is None:
+        with build_lock(path, on_wait=on_wait):
+            hit = load_rows(path)
+            if hit is None:
+                rows, report = build()
+                try:
+                    save_rows(path, rows, report)
+                except OSError as e:
+                    if on_unsaved is not None:
+                        on_unsaved(e)
+                return rows, report, False
+    return (*hit, True)
 
 
 def save_rows(path: Path, rows: list[dict[str, Any]], report: DataReport) -> None:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from dft_lightning.data.batching import PackedStepCollator, StepBatchSampler, StepCollator, StepDataset
-from dft_lightning.data.chat import ChatEncoder, DataReport, DropRow, FieldMap, to_messages
+from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
 from dft_lightning.data.sources import MALFORMED, iter_rows
 from dft_lightning.errors import DataError
 
@@ -102,31 +102,22 @@ class ChatDataModule(L.LightningDataModule):
     def build(self, source: str, key: str, split: str, *, sample: int | None = None) -> tuple[list[dict], DataReport]:
         """Read, convert and tokenise one source, or read its rows back from the cache (``data.cache``,
         ``dft_lightning.data.cache``); returns the rows and their report."""
-        if self.cache and self.cacheable:
-            from dft_lightning.data import cache
-            from dft_lightning.modeling import cache_root
+        if not (self.cache and self.cacheable):
+            return self.tokenise(source, key, split, sample=sample)
+        from dft_lightning.data import cache
+        from dft_lightning.modeling import cache_root
 
-            path = cache.entry_path(cache_root() / "tokenised", cache.cache_key(self, source, split, sample))
-            hit = cache.load_rows(path)
-            if hit is None:
-                def waiting() -> None:
-                    print(f"{key}: waiting for another process to tokenise {source} ({path})", flush=True)
-
-                with cache.build_lock(path, on_wait=waiting):  # one rank tokenises, the others read its entry
-                    hit = cache.load_rows(path)
-                    if hit is None:
-                        rows, report = self.tokenise(source, key, split, sample=sample)
-                        try:
-                            cache.save_rows(path, rows, report)
-                        except OSError as e:  # a full or read-only cache costs the next run time, not this one
-                            rank_zero_warn(f"{key}: tokenised rows not cached ({e}); set DFT_LIGHTNING_CACHE to a "
-                                           "writable folder, or data.cache=false")
-                        return rows, report
-            rows, report = hit
+        path = cache.entry_path(cache_root() / "tokenised", cache.cache_key(self, source, split, sample))
+        rows, report, cached = cache.read_or_build(
+            path, lambda: self.tokenise(source, key, split, sample=sample),
+            on_wait=lambda: print(f"{key}: waiting for another process to tokenise {source} ({path})", flush=True),
+            on_unsaved=lambda e: rank_zero_warn(f"{key}: tokenised rows not cached ({e}); set DFT_LIGHTNING_CACHE "
+                                                "to a writable folder, or data.cache=false"),
+        )
+        if cached:
             rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")
             self._warn_short(key, report)
-            return rows, report
-        return self.tokenise(source, key, split, sample=sample)
+        return rows, report
 
     def tokenise(
         self, source: str, key: str, split: str, *, sample: int | None = None
@@ -163,8 +154,8 @@ class ChatDataModule(L.LightningDataModule):
                 continue
             labels = encoded["labels"]
             report.truncated += truncated
-            report.prompt_lengths.append(next((i for i, t in enumerate(labels) if t != -100), len(labels)))
-            report.response_lengths.append(sum(t != -100 for t in labels[1:]))
+            report.prompt_lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels)))
+            report.response_lengths.append(sum(t != IGNORE_INDEX for t in labels[1:]))
             kept.append((index, {**encoded, "row_id": row_id}))
         rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
         report.kept = len(rows)

@@ -219,6 +219,8 @@ class VisionDataModule(ChatDataModule):
         Other arguments: as ``ChatDataModule``.
     """
 
+    cacheable = False  # rows carry image references (and decoded images from the hub)
+
     def __init__(
         self, train: str, val: str | None = None, test: str | None = None, tokenizer: str | None = None,
         split: str = "train", val_split: str = "test", subset: str | None = None, val_fraction: float = 0.0,
@@ -408,8 +410,6 @@ class VisionDataModule(ChatDataModule):
         images = sum(len(r["images"]) for r in rows)
         rank_zero_info(f"[{report.split}] {images} images in {len(rows)} kept rows")
         return rows, report
-
-    cacheable = False  # rows carry image references (and decoded images from the hub)
 
     def make_encoder(self) -> ChatEncoder:
         return ChatEncoder(self.tokenizer, sys.maxsize, "drop")  # length is checked after image expansion

@@ -170,6 +170,33 @@ class Engine(abc.ABC):
         """Release what the engine holds (nothing by default)."""
         return None
 
+    # Engines that read a checkpoint set ``tokenizer`` and ``model_path``; these two serve both engines.
+    _vision_encoder: VisionPromptEncoder | None = None
+
+    def _vision(self, index: int) -> VisionPromptEncoder:
+        """The checkpoint's image prompt encoder, built on the first image prompt (``index``: for the error)."""
+        if self._vision_encoder is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.model_path)
+            if getattr(config, "vision_config", None) is None:
+                raise ValueError(f"prompt {index} has images but {self.model_path} is a text-only model")
+            self._vision_encoder = VisionPromptEncoder(self.tokenizer, str(self.model_path), config)
+        return self._vision_encoder
+
+    def _encode(self, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
+        """Text prompts through ``encode_prompts``; image + text chats checked and deferred (pixels later)."""
+        if isinstance(prompts, str | Mapping):
+            raise TypeError("prompts must be a list of prompts, not a single prompt")
+        encoded: list[EncodedPrompt | None] = [None] * len(prompts)
+        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
+        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
+            encoded[i] = EncodedPrompt(ids, ids, [])
+        for i, prompt in enumerate(prompts):
+            if encoded[i] is None:
+                encoded[i] = self._vision(i).defer(prompt, i)
+        return encoded  # type: ignore[return-value]
+
     def __enter__(self):
         return self
 
@@ -244,10 +271,9 @@ class HFEngine(Engine):
         kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        config = AutoConfig.from_pretrained(path)
-        self.vision = getattr(config, "vision_config", None) is not None
-        model = (AutoModelForImageTextToText if self.vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
-        self._config, self._vision_encoder = config, None
+        vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
+        self._takes_mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
         self.eos_ids = _eos_ids(self.tokenizer, model.generation_config)
         self.pad_id = self.tokenizer.pad_token_id
         # only SamplingParams decide how to sample: drop the checkpoint's sampling defaults
@@ -267,23 +293,6 @@ class HFEngine(Engine):
         if self.model is None:
             raise RuntimeError("HFEngine is closed")
         return [self._request(self._encode(prompts), params or SamplingParams()) for prompts, params in requests]
-
-    def _encode(self, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
-        """Text prompts through ``encode_prompts``; image + text chats through the checkpoint's image processor."""
-        if isinstance(prompts, str | Mapping):
-            raise TypeError("prompts must be a list of prompts, not a single prompt")
-        encoded: list[EncodedPrompt | None] = [None] * len(prompts)
-        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
-        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
-            encoded[i] = EncodedPrompt(ids, ids, [])
-        for i, prompt in enumerate(prompts):
-            if encoded[i] is None:
-                if not self.vision:
-                    raise ValueError(f"prompt {i} has images but {self.model_path} is a text-only model")
-                if self._vision_encoder is None:
-                    self._vision_encoder = VisionPromptEncoder(self.tokenizer, str(self.model_path), self._config)
-                encoded[i] = self._vision_encoder.defer(prompt, i)  # pixels when its batch runs
-        return encoded  # type: ignore[return-value]
 
     def _request(self, prompt_ids: list[EncodedPrompt], params: SamplingParams) -> list[list[Completion]]:
         import torch
@@ -322,7 +331,7 @@ class HFEngine(Engine):
         if with_images:  # the rows' patches in row order, as the model's forward expects them
             kwargs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
             kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(self.device)
-            if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:
+            if self._takes_mm_types:
                 types = (input_ids == self._vision_encoder.image_token_id).to(torch.int32)
                 kwargs["mm_token_type_ids"] = types.to(self.device)
         if not params.greedy:

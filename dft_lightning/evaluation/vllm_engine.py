@@ -28,9 +28,7 @@ from dft_lightning.evaluation.engines import (
     Prompt,
     Request,
     SamplingParams,
-    encode_prompts,
 )
-from dft_lightning.evaluation.vision_inputs import VisionPromptEncoder, is_multimodal
 
 __all__ = ["VLLMEngine", "VLLMUnavailableError", "VLLMWorkerError", "vllm_available"]
 
@@ -137,7 +135,6 @@ class VLLMEngine(Engine):
         self.cpu_kv_cache_bytes = cpu_kv_cache_bytes
         self.python, self.env, self.timeout_s, self.verbose = python, dict(env or {}), timeout_s, verbose
         self._tokenizer = None
-        self._vision_encoder: VisionPromptEncoder | None = None
         self.last_stats: dict[str, Any] = {}
 
     @property
@@ -164,7 +161,7 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="dft-vllm-") as tmp:
             work = Path(tmp)
-            jobs = [(self._encode(prompts, work, j), params or SamplingParams())
+            jobs = [(self._worker_rows(prompts, work, j), params or SamplingParams())
                     for j, (prompts, params) in enumerate(requests)]
             llm_kwargs = dict(self.llm_kwargs)
             most_images = max((len(row.get("images", ())) for rows, _ in jobs for row in rows), default=0)
@@ -190,35 +187,19 @@ class VLLMEngine(Engine):
         self.last_stats = {**stats, "total_s": time.perf_counter() - started}
         return results
 
-    def _encode(self, prompts: Sequence[Prompt], work: Path, job: int) -> list[dict[str, Any]]:
+    def _worker_rows(self, prompts: Sequence[Prompt], work: Path, job: int) -> list[dict[str, Any]]:
         """Worker rows: ``prompt_token_ids``, plus ``images`` (PNG files in ``work``) for multimodal prompts,
         whose ids keep one placeholder per image (vLLM's processor expands it)."""
-        if isinstance(prompts, str | Mapping):
-            raise TypeError("prompts must be a list of prompts, not a single prompt")
-        rows: list[dict[str, Any] | None] = [None] * len(prompts)
-        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
-        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
-            rows[i] = {"prompt_token_ids": ids}
-        for i, prompt in enumerate(prompts):
-            if rows[i] is None:
-                vision = self._vision()
-                short = vision.short_ids(prompt, i)
-                names = []
-                for k, image in enumerate(vision.open_images(prompt, i)):  # one prompt's images in memory at a time
-                    names.append(f"image-{job}-{i}-{k}.png")
-                    image.save(work / names[-1], format="PNG")
-                rows[i] = {"prompt_token_ids": short, "images": names}
-        return rows  # type: ignore[return-value]
-
-    def _vision(self) -> VisionPromptEncoder:
-        if self._vision_encoder is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(self.model_path)
-            if getattr(config, "vision_config", None) is None:
-                raise ValueError(f"prompts have images but {self.model_path} is a text-only model")
-            self._vision_encoder = VisionPromptEncoder(self.tokenizer, self.model_path, config)
-        return self._vision_encoder
+        rows = []
+        for encoded in self._encode(prompts):
+            row: dict[str, Any] = {"prompt_token_ids": encoded.short_ids}
+            if encoded.source is not None:  # one prompt's images in memory at a time
+                images = self._vision(encoded.index).open_images(encoded.source, encoded.index)
+                row["images"] = [f"image-{job}-{encoded.index}-{k}.png" for k in range(len(images))]
+                for image, name in zip(images, row["images"], strict=True):
+                    image.save(work / name, format="PNG")
+            rows.append(row)
+        return rows
 
     def _run_worker(self, python: str, work: Path) -> None:
         run = _vllm_worker.launch(python, work, self._child_env(), self.timeout_s, self.verbose)

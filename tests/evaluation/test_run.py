@@ -14,7 +14,8 @@ from tests.conftest import REPO, read_metrics, run_cli
 
 
 class AnswerKey(Engine):
-    """An engine that answers every prompt from the answer key: the scoring path must then give 1.0."""
+    """An engine that answers every prompt from the answer key (a key found in its text; image chats: their
+    text part): the scoring path must then give 1.0."""
 
     def __init__(self, answers: dict[str, str]) -> None:
         self.answers = answers
@@ -25,6 +26,8 @@ class AnswerKey(Engine):
             per_prompt = []
             for prompt in prompts:
                 text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+                if isinstance(text, list):  # an image + text chat
+                    text = next(part["text"] for part in text if part["type"] == "text")
                 answer = next(a for key, a in self.answers.items() if key in text)
                 per_prompt.append([Completion(answer, (), "stop")] * params.n)
             out.append(per_prompt)

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from dft_lightning.evaluation.engines import Completion, Engine, HFEngine, SamplingParams
+from dft_lightning.evaluation.engines import HFEngine, SamplingParams
 from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, evaluate_model
 from dft_lightning.evaluation.vision_inputs import VisionPromptEncoder, image_parts
 from dft_lightning.tiny_vl import draw_shape
 from tests.evaluation.test_engines import fake_vllm  # noqa: F401 - fixture
+from tests.evaluation.test_run import AnswerKey
 
 
 @pytest.fixture(scope="module")
@@ -125,25 +126,6 @@ def test_evaluate_a_multimodal_benchmark_end_to_end(vl_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["totals"]["mathvision"]["problems"] == 3
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
-class ByQuestion(Engine):
-    """Answers each image prompt from a key on its question text (no model): the scoring path alone."""
-
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers = answers
-
-    def generate_many(self, requests):
-        out = []
-        for prompts, params in requests:
-            texts = [next(p["text"] for p in prompt[-1]["content"] if p["type"] == "text") for prompt in prompts]
-            out.append([[Completion(next(a for q, a in self.answers.items() if q in text), (), "stop")] * params.n
-                        for text in texts])
-        return out
-
-
 def test_group_breakdown_is_reported_and_adds_up_across_shards(tmp_path):
     from dft_lightning.evaluation.run import breakdown_from_totals, combine_totals
 
@@ -157,7 +139,7 @@ def test_group_breakdown_is_reported_and_adds_up_across_shards(tmp_path):
     source = tmp_path / "mathvision_test.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = [BenchmarkSpec(name="mathvision", source=str(source))]
-    evaluate_model("unused", spec, ByQuestion(answers), Sampling(n=2), output_dir=str(tmp_path / "all"))
+    evaluate_model("unused", spec, AnswerKey(answers), Sampling(n=2), output_dir=str(tmp_path / "all"))
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     groups = summary["breakdown"]["mathvision"]
     assert groups["subject=angle"] == {"problems": 2, "avg@2": 1.0, "pass@2": 1.0}
@@ -166,6 +148,10 @@ def test_group_breakdown_is_reported_and_adds_up_across_shards(tmp_path):
     parts = []
     for index in range(3):  # uneven shards; a shard may miss a group entirely
         out = tmp_path / f"shard-{index}"
-        evaluate_model("unused", spec, ByQuestion(answers), Sampling(n=2), output_dir=str(out), shard=(index, 3))
+        evaluate_model("unused", spec, AnswerKey(answers), Sampling(n=2), output_dir=str(out), shard=(index, 3))
         parts.append(json.loads((out / "summary.json").read_text())["totals"])
     assert breakdown_from_totals(combine_totals(parts)) == summary["breakdown"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
