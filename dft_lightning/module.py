@@ -33,6 +33,7 @@ from torchmetrics import MeanMetric
 from dft_lightning import modeling
 from dft_lightning.errors import UserError
 from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats
+from dft_lightning.pretrained import load_tokenizer
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "sequence_ids", "packed")
 MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
@@ -137,7 +138,7 @@ class FineTuneModule(L.LightningModule):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = modeling.load_tokenizer(self.pretrained)
+            self._tokenizer = load_tokenizer(self.pretrained)
         return self._tokenizer
 
     def export_hf(self, out_dir: str | Path, merge_lora: bool = True) -> Path | None:

@@ -96,10 +96,10 @@ def build_tiny_model(out_dir: Path, arch: str = "qwen2", seed: int = 0) -> Path:
 
 def tiny_model_dir(arch: str = "qwen2") -> Path:
     """The cached tiny model directory for ``arch``, built on first use (safe under concurrency)."""
-    from dft_lightning.modeling import _atomic_dir, cache_root
+    from dft_lightning.paths import atomic_dir, cache_root
 
     target = cache_root() / "tiny" / f"{arch}-v{VERSION}"
-    with _atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         if tmp is not None:
             build_tiny_model(tmp, arch)
     return target

@@ -110,10 +110,10 @@ def image_processor():
 
 def tiny_vl_dir() -> Path:
     """The cached tiny Qwen2.5-VL directory, built on first use."""
-    from dft_lightning.modeling import _atomic_dir, cache_root
+    from dft_lightning.paths import atomic_dir, cache_root
 
     target = cache_root() / "tiny" / f"qwen2_5_vl-v{VERSION}"
-    with _atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         if tmp is not None:
             build_tiny_vl(tmp)
     return target

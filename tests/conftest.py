@@ -28,7 +28,7 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
-    from dft_lightning.modeling import load_tokenizer
+    from dft_lightning.pretrained import load_tokenizer
 
     return load_tokenizer(str(tiny_dir))
 

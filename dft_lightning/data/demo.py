@@ -36,7 +36,7 @@ class DemoMathDataModule(ChatDataModule):
         seed: int = 42, num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
         cache: bool = True,
     ) -> None:
-        from dft_lightning.modeling import cache_root
+        from dft_lightning.paths import cache_root
 
         root = Path(data_dir) if data_dir else cache_root() / "demo_math" / f"{generation_seed}-{num_train}-{num_test}"
         super().__init__(

@@ -93,7 +93,7 @@ class ChatDataModule(L.LightningDataModule):
         return to_messages(row, self.fields, system_prompt=self.system_prompt, prompt_template=self.prompt_template)
 
     def load_tokenizer(self) -> Any:
-        from dft_lightning.modeling import load_tokenizer
+        from dft_lightning.pretrained import load_tokenizer
 
         if self.tokenizer_spec is None:
             raise DataError("data.tokenizer is not set (the CLI links it from model.pretrained)")
@@ -105,7 +105,7 @@ class ChatDataModule(L.LightningDataModule):
         if not (self.cache and self.cacheable):
             return self.tokenise(source, key, split, sample=sample)
         from dft_lightning.data import cache
-        from dft_lightning.modeling import cache_root
+        from dft_lightning.paths import cache_root
 
         path = cache.entry_path(cache_root() / "tokenised", cache.cache_key(self, source, split, sample))
         rows, report, cached = cache.read_or_build(

@@ -254,7 +254,7 @@ class VisionDataModule(ChatDataModule):
     def load_tokenizer(self) -> Any:
         from transformers import AutoConfig, AutoImageProcessor
 
-        from dft_lightning.modeling import resolve_pretrained
+        from dft_lightning.pretrained import resolve_pretrained
 
         tokenizer = super().load_tokenizer()
         path = resolve_pretrained(self.tokenizer_spec)
@@ -470,7 +470,7 @@ class ShapesDataModule(VisionDataModule):
         tokenizer: str | None = None, max_length: int = 512, batch_size: int = 8, micro_batch_size: int = 4,
         min_pixels: int | None = None, max_pixels: int | None = None, seed: int = 42, num_workers: int = 0,
     ) -> None:
-        from dft_lightning.modeling import cache_root
+        from dft_lightning.paths import cache_root
 
         root = Path(data_dir) if data_dir else cache_root() / "shapes" / f"{generation_seed}-{num_train}-{num_test}"
         super().__init__(

@@ -260,7 +260,7 @@ class HFEngine(Engine):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-        from dft_lightning.modeling import load_tokenizer, resolve_pretrained
+        from dft_lightning.pretrained import load_tokenizer, resolve_pretrained
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

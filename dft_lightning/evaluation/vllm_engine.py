@@ -116,7 +116,7 @@ class VLLMEngine(Engine):
         timeout_s: float | None = None,
         verbose: bool = False,
     ) -> None:
-        from dft_lightning.modeling import resolve_pretrained
+        from dft_lightning.pretrained import resolve_pretrained
 
         path = resolve_pretrained(str(model_path))
         self.model_path = str(Path(path).resolve()) if Path(path).exists() else path
@@ -140,7 +140,7 @@ class VLLMEngine(Engine):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from dft_lightning.modeling import load_tokenizer
+            from dft_lightning.pretrained import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer

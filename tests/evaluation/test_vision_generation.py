@@ -32,7 +32,7 @@ def chat(*images, text="What is shown?"):
 def test_placeholders_expand_to_the_image_processors_token_count(vl_dir, tmp_path):
     from transformers import AutoConfig
 
-    from dft_lightning.modeling import load_tokenizer
+    from dft_lightning.pretrained import load_tokenizer
 
     small, large = draw_shape("circle", "red", (30, 40)), draw_shape("square", "blue", (112, 90))
     path = tmp_path / "large.png"
@@ -89,7 +89,7 @@ def test_text_only_model_rejects_images(tiny_dir):
 
 
 def test_vllm_receives_unexpanded_ids_and_the_images(fake_vllm, vl_dir):  # noqa: F811
-    from dft_lightning.modeling import load_tokenizer
+    from dft_lightning.pretrained import load_tokenizer
 
     engine = fake_vllm(vl_dir)
     images = [draw_shape("circle", "red", (30, 40)), draw_shape("square", "blue", (50, 20))]

@@ -1,0 +1,39 @@
+"""Where the package keeps what it builds (converted models, tiny models, tokenised rows), and how
+it writes a directory so that a reader never sees a half-written one.
+
+The bottom layer: both ``data`` and the model layer use it; it imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Directory for converted and generated artefacts (``$DFT_LIGHTNING_CACHE``)."""
+    return Path(os.environ.get("DFT_LIGHTNING_CACHE", Path.home() / ".cache" / "dft_lightning"))
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path | None]:
+    """Yield a temporary directory that becomes ``target`` on success; ``None`` if it already exists."""
+    if target.exists():
+        yield None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
