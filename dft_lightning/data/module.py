@@ -6,7 +6,11 @@ truncated, dropped by reason with example row ids, token-length percentiles, sup
 ``strict: true`` turns the first drop into an error naming the row. A field missing from every row
 is a config mistake and raises at once, naming the field and the fields the rows do have.
 
-Not handled here: caching tokenised data between runs, sharding the tokenisation across ranks.
+Tokenised rows are cached between runs (``data.cache``; ``dft_lightning.data.cache`` keys and stores
+them): one process tokenises a split while the other ranks wait and read its entry. A strict run
+reading an entry built without ``strict`` raises on its first drop all the same.
+
+Not handled here: sharding the tokenisation of one split across ranks or processes.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ class ChatDataModule(L.LightningDataModule):
                                                 "to a writable folder, or data.cache=false"),
         )
         if cached:
+            if self.strict and report.dropped:  # the entry was built without strict: its drops still count
+                raise _strict_error(key, *_first_drop(report))
             rank_zero_info(f"{key}: {len(rows)} tokenised rows read back from the cache ({path})")
             self._warn_short(key, report)
         return rows, report
@@ -147,9 +153,7 @@ class ChatDataModule(L.LightningDataModule):
                 encoded, truncated = self.encode_row(encoder, row)
             except DropRow as drop:
                 if self.strict:
-                    detail = f" ({drop.detail})" if drop.detail else ""
-                    message = f"{key}: row {row_id} dropped: {drop.reason}{detail} (data.strict is true)"
-                    raise DataError(message) from None
+                    raise _strict_error(key, row_id, drop.reason, drop.detail) from None
                 report.drop(row_id, drop.reason, drop.detail)
                 continue
             labels = encoded["labels"]
@@ -257,6 +261,18 @@ class ChatDataModule(L.LightningDataModule):
         if name not in self.datasets:
             raise DataError("the test command needs data.test (or data.val / data.val_fraction)")
         return self._eval_loader(name)
+
+
+def _strict_error(key: str, row_id: str, reason: str, detail: str = "") -> DataError:
+    detail = f" ({detail})" if detail else ""
+    return DataError(f"{key}: row {row_id} dropped: {reason}{detail} (data.strict is true)")
+
+
+def _first_drop(report: DataReport) -> tuple[str, str, str]:
+    """The row a strict run would have stopped at: rows are read in the same order with or without
+    ``strict``, and ``report.examples`` gains its reasons in the order of their first drop."""
+    reason = next(iter(report.examples))
+    return report.examples[reason][0], reason, report.details.get(reason, "")
 
 
 def _progress(items: list, description: str):

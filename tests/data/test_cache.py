@@ -53,6 +53,29 @@ def test_a_hit_returns_the_tokenised_rows_and_report_without_tokenising(tmp_path
     assert dict(b.dropped) == {"missing_field": 1, "malformed_json": 1}
 
 
+def test_strict_holds_for_rows_read_back_from_the_cache(tmp_path, tiny_dir, cache_dir, monkeypatch):
+    from dft_lightning.errors import DataError
+
+    path = rows_of(tmp_path)
+    with pytest.raises(DataError) as uncached:
+        setup(tiny_dir, path, strict=True, cache=False)
+    setup(tiny_dir, path)  # a lenient run caches the rows and counts the drops
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    clean_rows = setup(tiny_dir, write_rows(clean / "train.jsonl", [{"prompt": "1?", "response": "1."}] * 4))
+    assert len(entries(cache_dir)) == 2
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("a strict run reads the same entry")
+
+    monkeypatch.setattr(ChatDataModule, "tokenise", no_tokenising)
+    with pytest.raises(DataError) as cached:
+        setup(tiny_dir, path, strict=True)
+    assert str(cached.value) == str(uncached.value)
+    assert str(cached.value).startswith("data.train: row train.jsonl:13 dropped: missing_field")
+    assert setup(tiny_dir, clean / "train.jsonl", strict=True).datasets["train"] == clean_rows.datasets["train"]
+
+
 def test_what_changes_the_rows_misses(tmp_path, tiny_dir, cache_dir):
     path = rows_of(tmp_path)
     original = setup(tiny_dir, path).datasets["train"]
