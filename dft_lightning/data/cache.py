@@ -1,5 +1,5 @@
-"""A disk cache of tokenised rows: a second run (another objective, seed or learning rate of a sweep,
-a resumed job) reads its rows back instead of reading and tokenising the source again.
+"""A disk cache of tokenised rows: a second run (another objective, learning rate or ``seed_everything``
+of a sweep, a resumed job) reads its rows back instead of reading and tokenising the source again.
 
 An entry is keyed by everything that decides the rows:
 
@@ -9,7 +9,9 @@ An entry is keyed by everything that decides the rows:
 * the tokenizer: its full serialisation (vocabulary, merges, normaliser, pre-tokeniser), chat template
   and special tokens;
 * the data module: its class and every public JSON-serialisable setting (fields, prompt template,
-  max length, over-long policy, sampling size and seed, ...), minus those that only batch the rows;
+  max length, over-long policy, sampling size, ...), minus those that only batch or check the rows
+  (``NOT_KEYED``: ``strict`` is one, a strict run checks the entry's drops instead). ``data.seed`` is
+  keyed even when nothing is sampled, so a run with another data seed tokenises again;
 * the data code: a hash of ``dft_lightning/data/*.py`` and of the files that define a data module
   subclass of your own, so a change to conversion rules never serves rows built by the old ones.
 

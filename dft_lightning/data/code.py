@@ -18,8 +18,9 @@ field is ``missing_field`` (and a config error when it is missing from every row
 10,000 prompts: ``num_samples`` + ``seed``.
 
 Not handled here: filtering prompts by UltraFeedback ``source`` or topic (e.g. code-only prompts),
-the ``overall_score`` / ``fine-grained_score`` fields, preference pairs. Sampling picks raw rows
-before conversion, so drops make the kept count smaller than ``num_samples``.
+the ``overall_score`` / ``fine-grained_score`` fields, preference pairs. Sampling converts prompts
+in a seeded random order until ``num_samples`` are kept: dropped rows do not count, and fewer are
+kept only when the source runs out (which is warned about).
 """
 
 from __future__ import annotations

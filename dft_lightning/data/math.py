@@ -34,7 +34,8 @@ Every drop is counted by reason in the split's ``DataReport``: ``missing_field``
 
 Not handled here: answer checking (flags are trusted as given), filtering by NuminaMath ``source``,
 building the rejection-sampled data (that is generation, not loading), multi-turn math dialogues.
-Sampling (``num_samples``) picks raw rows before conversion, so drops make the kept count smaller.
+Sampling (``num_samples``) converts rows in a seeded random order until that many are kept: dropped
+rows do not count, and fewer are kept only when the source runs out (which is warned about).
 """
 
 from __future__ import annotations

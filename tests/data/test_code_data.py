@@ -162,6 +162,15 @@ def test_sampling_is_deterministic(tmp_path, tiny_dir):
     assert picks[2] != picks[0]
 
 
+def test_dropped_prompts_do_not_count_towards_num_samples(tmp_path, tiny_dir):
+    rows = [{"instruction": f"Task {i}", "completions": [rated(f"answer {i}", *(["4"] if i % 2 else ["N/A"]) * 4)]}
+            for i in range(40)]
+    dm = make_module(tiny_dir, write_rows(tmp_path / "uf.jsonl", rows), num_samples=12, seed=5)
+    dm.setup("fit")
+    report = dm.reports["train"]
+    assert report.kept == 12 and report.read == 12 + report.dropped["no_rated_completion"] > 12
+
+
 def test_missing_field_everywhere_is_a_config_error(tmp_path, tiny_dir):
     path = write_rows(tmp_path / "uf.jsonl", [{"prompt": "q", "chosen": "a"}] * 3)
     with pytest.raises(DataError, match=r"field 'instruction' missing in all 3 rows \(row fields: chosen, prompt\)"):

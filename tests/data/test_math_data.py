@@ -78,6 +78,17 @@ def test_numina_sampling_is_deterministic(tmp_path, tiny_dir):
     assert picks[2] != picks[0]
 
 
+def test_dropped_rows_do_not_count_towards_num_samples(tmp_path, tiny_dir):
+    rows = [{"question": f"What is {i} + 1?", "response": f"It is {i + 1}.", "verified": i % 2 == 0}
+            for i in range(40)]
+    dm = make_module(tiny_dir, write_rows(tmp_path / "r.jsonl", rows), source_format="rejection",
+                     num_samples=12, seed=5)
+    dm.setup("fit")
+    report = dm.reports["train"]
+    assert report.kept == 12 and report.read == 12 + report.dropped["unverified"] > 12
+    assert all(int(r["row_id"].split(":")[1]) % 2 == 1 for r in dm.datasets["train"])  # 1-based lines
+
+
 def test_numina_drops_are_counted(tmp_path, tiny_dir):
     rows = NUMINA + [
         {"source": "x", "solution": "no problem here"},
