@@ -10,16 +10,24 @@
   image processor turns its images into pixels and placeholder tokens (vision-language checkpoints only).
 * ``Engine.generate`` returns the ``n`` completion texts of each prompt; ``generate_completions`` returns
   ``Completion`` objects (text, token ids, finish reason); ``generate_many`` runs several (prompts, params)
-  requests at once (one vLLM start for all).
+  or (prompts, params, indices) requests at once (one vLLM start for all). ``indices[i]`` is prompt ``i``'s
+  index in its benchmark (default ``i``): the seeds of its samples come from it, so a problem gets the same
+  seeds evaluated alone, in a shard (``evaluate_model(shard=...)``) or with every other problem.
+* Seeds: sample ``j`` of the problem with index ``i`` has the seed ``seed + i * n + j``
+  (``SamplingParams.sample_seed``).
 * ``HFEngine``: transformers ``generate`` in left-padded batches of ``batch_size`` sequences. The checkpoint's
   ``generation_config`` sampling defaults (top-k, repetition penalty, ...) are ignored, as in vLLM: only
-  ``SamplingParams`` count. A seed seeds the torch RNG once per request (restored afterwards): results repeat
-  for the same prompts, order and ``batch_size``.
+  ``SamplingParams`` count. Every sample row draws its tokens from its own ``torch.Generator`` seeded with its
+  sample seed (Gumbel-max over the temperature- and top-p-shaped logits), and the torch RNG is left alone: a
+  sample does not depend on which other prompts share its batch, the batch size or the prompt order (up to
+  float rounding differences between batch shapes, which change a token only at near-ties).
 * ``VLLMEngine`` (module ``vllm_engine``): ``vllm.LLM(...).generate`` in a child process
   (``_vllm_worker.py``, run by any interpreter with vllm: ``python=``), exchanging JSON/JSONL files in a
   temporary directory. Every call starts a fresh engine on the saved checkpoint; the child's memory (GPU or
-  CPU) is returned when it exits. Prompt ``i`` gets the seed ``seed + i * n`` (vLLM gives its sample ``j``
-  ``seed + i * n + j``): samples do not depend on batching.
+  CPU) is returned when it exits. Prompt ``i`` is sent with the seed ``seed + i * n`` (vLLM gives its sample
+  ``j`` ``seed + i * n + j``). vLLM's kernels are not batch invariant: the logits of a sequence depend a little
+  on what else is in its batch (continuous batching, chunked prefill), so a sampled completion can differ
+  between a sharded and an unsharded run, or between runs with other prompts, even with the same seed.
 
 Stop strings end a completion and are cut from its text (from the first occurrence on); token ids keep every
 generated token up to the EOS token or the one that completed the stop string. ``finish_reason`` is
@@ -32,14 +40,23 @@ the two engines (greedy decoding in float32 matches token for token).
 
 from __future__ import annotations
 
-import abc
 import inspect
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from dft_lightning.evaluation.vision_inputs import EncodedPrompt, VisionPromptEncoder, is_multimodal
+from dft_lightning.evaluation.engine_base import (
+    Completion,
+    Engine,
+    Prompt,
+    Request,
+    SamplingParams,
+    encode_prompts,
+    truncate_at_stop,
+    unpack_request,
+)
+from dft_lightning.evaluation.vision_inputs import EncodedPrompt
+from dft_lightning.evaluation.vllm_engine import VLLMEngine, VLLMUnavailableError, VLLMWorkerError, vllm_available
 
 __all__ = [
     "Completion",
@@ -55,89 +72,6 @@ __all__ = [
     "vllm_available",
 ]
 
-Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
-Request = tuple[Sequence[Prompt], "SamplingParams | None"]
-
-# Set by torch launchers and Lightning; a vLLM child must not take itself for a rank of the training job.
-_DISTRIBUTED_ENV = (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
-)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. ``temperature=0`` means greedy; ``seed=None`` means not reproducible."""
-
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 4096
-    stop: tuple[str, ...] = ()
-    seed: int | None = 0
-
-    def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        object.__setattr__(self, "stop", stop)
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def prompt_seed(self, index: int) -> int | None:
-        """The seed of prompt ``index`` (its samples use this seed plus 0..n-1)."""
-        return None if self.seed is None else self.seed + index * self.n
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sampled completion. ``finish_reason``: ``"stop"`` (EOS or stop string) or ``"length"``."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut]
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt: raw strings with the tokenizer's special tokens, chats through its chat
-    template (generation prompt added, no second BOS), token-id lists unchanged."""
-    if isinstance(prompts, str | Mapping):
-        raise TypeError("prompts must be a list of prompts, not a single prompt")
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"prompt {index} is a chat but the tokenizer has no chat template; pass strings")
-            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise TypeError(f"prompt {index}: expected a string, a list of chat messages or token ids")
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        encoded.append([int(t) for t in ids])
-    return encoded
-
 
 def _eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
     """EOS ids from the tokenizer and the checkpoint's generation config (vLLM stops on both too)."""
@@ -148,60 +82,6 @@ def _eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
         elif isinstance(value, Sequence):
             ids.update(int(v) for v in value)
     return frozenset(ids)
-
-
-class Engine(abc.ABC):
-    """Prompts in, ``n`` completions per prompt out (prompt order kept, samples of a prompt in order)."""
-
-    @abc.abstractmethod
-    def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
-        """``result[r][i]``: the completions of prompt ``i`` of request ``r`` (``requests[r] = (prompts, params)``)."""
-
-    def generate_completions(
-        self, prompts: Sequence[Prompt], params: SamplingParams | None = None
-    ) -> list[list[Completion]]:
-        return self.generate_many([(prompts, params)])[0]
-
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[list[str]]:
-        """The ``n`` completion texts of each prompt."""
-        return [[c.text for c in samples] for samples in self.generate_completions(prompts, params)]
-
-    def close(self) -> None:
-        """Release what the engine holds (nothing by default)."""
-        return None
-
-    # Engines that read a checkpoint set ``tokenizer`` and ``model_path``; these two serve both engines.
-    _vision_encoder: VisionPromptEncoder | None = None
-
-    def _vision(self, index: int) -> VisionPromptEncoder:
-        """The checkpoint's image prompt encoder, built on the first image prompt (``index``: for the error)."""
-        if self._vision_encoder is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(self.model_path)
-            if getattr(config, "vision_config", None) is None:
-                raise ValueError(f"prompt {index} has images but {self.model_path} is a text-only model")
-            self._vision_encoder = VisionPromptEncoder(self.tokenizer, str(self.model_path), config)
-        return self._vision_encoder
-
-    def _encode(self, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
-        """Text prompts through ``encode_prompts``; image + text chats checked and deferred (pixels later)."""
-        if isinstance(prompts, str | Mapping):
-            raise TypeError("prompts must be a list of prompts, not a single prompt")
-        encoded: list[EncodedPrompt | None] = [None] * len(prompts)
-        text = [i for i, p in enumerate(prompts) if not is_multimodal(p)]
-        for i, ids in zip(text, encode_prompts(self.tokenizer, [prompts[i] for i in text]), strict=True):
-            encoded[i] = EncodedPrompt(ids, ids, [])
-        for i, prompt in enumerate(prompts):
-            if encoded[i] is None:
-                encoded[i] = self._vision(i).defer(prompt, i)
-        return encoded  # type: ignore[return-value]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------------------- HF
@@ -236,6 +116,32 @@ class _FinishTracker:
                 if any(s in text for s in self.stop):
                     self.lengths[row] = step
         return torch.tensor([n is not None for n in self.lengths], dtype=torch.bool, device=input_ids.device)
+
+
+class _RowSampler:
+    """Logits processor that samples every row from its own generator: softmax(logits / temperature), cut to the
+    top-p nucleus, by Gumbel-max (argmax of the logits plus Gumbel noise drawn from the row's generator). It returns
+    0 for the chosen token and -inf elsewhere, so ``generate``'s greedy step takes it. A row's draws depend on its
+    seed and step only, never on the other rows of the batch."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: Any) -> None:
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float() / self.temperature
+        if self.top_p < 1:
+            probs, order = logits.softmax(-1).sort(-1, descending=True)
+            outside = (probs.cumsum(-1) - probs) >= self.top_p  # the mass before a token already reaches top_p
+            logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        width = logits.shape[-1]
+        uniform = torch.stack([torch.rand(width, generator=g, device=logits.device) for g in self.generators])
+        picks = (logits - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, picks, 0.0)
 
 
 class HFEngine(Engine):
@@ -292,27 +198,32 @@ class HFEngine(Engine):
     def generate_many(self, requests: Sequence[Request]) -> list[list[list[Completion]]]:
         if self.model is None:
             raise RuntimeError("HFEngine is closed")
-        return [self._request(self._encode(prompts), params or SamplingParams()) for prompts, params in requests]
+        results = []
+        for request in requests:
+            prompts, params, indices = unpack_request(request)
+            results.append(self._request(self._encode(prompts), params.with_random_seed(), indices))
+        return results
 
-    def _request(self, prompt_ids: list[EncodedPrompt], params: SamplingParams) -> list[list[Completion]]:
+    def _request(
+        self, prompt_ids: list[EncodedPrompt], params: SamplingParams, indices: list[int]
+    ) -> list[list[Completion]]:
         import torch
 
         samples = 1 if params.greedy else params.n
-        rows = [i for i in range(len(prompt_ids)) for _ in range(samples)]
+        rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
         results: list[list[Completion]] = [[] for _ in prompt_ids]
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+        with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
-                for i, completion in zip(batch, self._batch([prompt_ids[i] for i in batch], params), strict=True):
+                seeds = [params.sample_seed(indices[i], j) for i, j in batch]
+                completions = self._batch([prompt_ids[i] for i, _ in batch], params, seeds)
+                for (i, _), completion in zip(batch, completions, strict=True):
                     results[i].append(completion)
         return [samples_ * params.n for samples_ in results] if params.greedy else results
 
-    def _batch(self, prompts: list[EncodedPrompt], params: SamplingParams) -> list[Completion]:
+    def _batch(self, prompts: list[EncodedPrompt], params: SamplingParams, seeds: list[int]) -> list[Completion]:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         made: dict[int, EncodedPrompt] = {}  # a prompt's n sample rows share its pixels
         for p in prompts:
@@ -326,7 +237,11 @@ class HFEngine(Engine):
             input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
             attention_mask[row, width - len(prompt.ids) :] = 1
         tracker = _FinishTracker(self.tokenizer, width, len(prompts), self.eos_ids, params.stop)
-        kwargs: dict[str, Any] = {"do_sample": not params.greedy}
+        # generate decodes greedily; for sampling, _RowSampler has already picked each row's token
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if not params.greedy:
+            sampler = _RowSampler(seeds, params.temperature, params.top_p, self.device)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with_images = [p for p in prompts if p.images]
         if with_images:  # the rows' patches in row order, as the model's forward expects them
             kwargs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
@@ -334,8 +249,6 @@ class HFEngine(Engine):
             if self._takes_mm_types:
                 types = (input_ids == self._vision_encoder.image_token_id).to(torch.int32)
                 kwargs["mm_token_type_ids"] = types.to(self.device)
-        if not params.greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -353,11 +266,3 @@ class HFEngine(Engine):
             completions.append(Completion(text, tuple(ids), "length" if length is None else "stop"))
         return completions
 
-
-# vLLM lives in its own module; its names stay importable from here.
-from dft_lightning.evaluation.vllm_engine import (  # noqa: E402
-    VLLMEngine,
-    VLLMUnavailableError,
-    VLLMWorkerError,
-    vllm_available,
-)

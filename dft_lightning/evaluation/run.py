@@ -170,22 +170,24 @@ def evaluate_model(
     ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a ready ``Engine``. With
     ``shard=(i, count)`` only problems ``i, i + count, ...`` of each benchmark are evaluated, and
     ``summary.json`` carries the per-benchmark sums (``totals``) that ``combine_totals`` adds up
-    across shards into exactly the unsharded metrics.
+    across shards into exactly the unsharded metrics. Samples are seeded by each problem's index in
+    the whole benchmark: ``HFEngine`` gives a shard the completions of the unsharded run (``VLLMEngine``
+    the same seeds, see ``engines`` on vLLM's batch-dependent numerics).
     """
     if not benchmarks:
         raise UserError("no benchmarks to evaluate")
     engine, sampling = engine or EngineSpec(), sampling or Sampling()
     started = time.perf_counter()
     loaded = [(spec, _load(spec)) for spec in benchmarks]
-    if shard is not None:
-        index, count = shard
-        if not 0 <= index < count:
-            raise UserError(f"shard {shard}: need 0 <= index < count")
-        for _, bench in loaded:
-            bench.problems = bench.problems[index::count]
+    index, count = shard if shard is not None else (0, 1)
+    if not 0 <= index < count:
+        raise UserError(f"shard {shard}: need 0 <= index < count")
     requests = []
     for spec, bench in loaded:
-        requests.append((_prompts(spec, bench), _params(spec, sampling, bench)))
+        # a problem's samples are seeded by its index in the whole benchmark, so shards repeat the unsharded run
+        positions = list(range(len(bench.problems)))[index::count]
+        bench.problems = bench.problems[index::count]
+        requests.append((_prompts(spec, bench), _params(spec, sampling, bench), positions))
     if isinstance(engine, Engine):
         outputs = engine.generate_many(requests)
     else:
@@ -196,7 +198,7 @@ def evaluate_model(
     out = Path(output_dir) if output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    for (spec, bench), (_, params), samples in zip(loaded, requests, outputs, strict=True):
+    for (spec, bench), (_, params, _), samples in zip(loaded, requests, outputs, strict=True):
         texts = [[c.text for c in per_problem] for per_problem in samples]
         grades, stats = bench.grade_samples(texts) if texts else ([], None)
         k = params.n

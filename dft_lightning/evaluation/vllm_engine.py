@@ -1,5 +1,5 @@
 """``VLLMEngine``: ``vllm.LLM`` in a child process (see ``dft_lightning.evaluation.engines`` for the
-interface and ``_vllm_worker`` for the child's side).
+interface and ``_vllm_worker`` for the child's side). Built on ``engine_base``; ``engines`` re-exports its names.
 
 Every ``generate*`` call starts a fresh engine on the saved checkpoint in a child process group, sends
 it token ids (and, for image + text prompts, one placeholder per image with the pictures as PNG
@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from dft_lightning.evaluation import _vllm_worker
-from dft_lightning.evaluation.engines import (
-    _DISTRIBUTED_ENV,
+from dft_lightning.evaluation.engine_base import (
+    DISTRIBUTED_ENV,
     Completion,
     Engine,
     Prompt,
     Request,
     SamplingParams,
+    unpack_request,
 )
 
 __all__ = ["VLLMEngine", "VLLMUnavailableError", "VLLMWorkerError", "vllm_available"]
@@ -146,7 +147,7 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -161,17 +162,19 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="dft-vllm-") as tmp:
             work = Path(tmp)
-            jobs = [(self._worker_rows(prompts, work, j), params or SamplingParams())
-                    for j, (prompts, params) in enumerate(requests)]
+            jobs = []
+            for j, request in enumerate(requests):
+                prompts, params, indices = unpack_request(request)
+                jobs.append((self._worker_rows(prompts, work, j), params, indices))
             llm_kwargs = dict(self.llm_kwargs)
-            most_images = max((len(row.get("images", ())) for rows, _ in jobs for row in rows), default=0)
+            most_images = max((len(row.get("images", ())) for rows, _, _ in jobs for row in rows), default=0)
             if most_images and llm_kwargs.get("limit_mm_per_prompt") is None:
                 llm_kwargs["limit_mm_per_prompt"] = {"image": most_images}
             request = {"llm": llm_kwargs, "cpu_kv_cache_bytes": self.cpu_kv_cache_bytes, "jobs": []}
-            for j, (rows, params) in enumerate(jobs):
+            for j, (rows, params, indices) in enumerate(jobs):
                 with (work / f"prompts-{j}.jsonl").open("w", encoding="utf-8") as f:
-                    for i, row in enumerate(rows):
-                        f.write(json.dumps({**row, "seed": params.prompt_seed(i)}) + "\n")
+                    for row, index in zip(rows, indices, strict=True):
+                        f.write(json.dumps({**row, "seed": params.prompt_seed(index)}) + "\n")
                 sampling = {
                     "n": 1 if params.greedy else params.n,
                     "temperature": params.temperature,
@@ -182,7 +185,7 @@ class VLLMEngine(Engine):
                 request["jobs"].append({"prompts": f"prompts-{j}.jsonl", "sampling": sampling})
             (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
             self._run_worker(python, work)
-            results = [self._read(work / f"out-{j}.jsonl", len(ids), p) for j, (ids, p) in enumerate(jobs)]
+            results = [self._read(work / f"out-{j}.jsonl", len(ids), p) for j, (ids, p, _) in enumerate(jobs)]
             stats = json.loads((work / "stats.json").read_text(encoding="utf-8"))
         self.last_stats = {**stats, "total_s": time.perf_counter() - started}
         return results

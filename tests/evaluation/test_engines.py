@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dft_lightning.evaluation.engine_base import unpack_request
 from dft_lightning.evaluation.engines import (
     Completion,
     HFEngine,
@@ -88,6 +89,31 @@ def test_sampling_params_defaults_are_the_paper_math_setting():
             SamplingParams(**bad)
 
 
+def test_sample_seeds_come_from_the_benchmark_index_and_the_sample():
+    p = SamplingParams(n=4, seed=10)
+    seeds = {(i, j): p.sample_seed(i, j) for i in range(5) for j in range(4)}
+    assert seeds[(0, 0)] == 10 and seeds[(3, 1)] == 10 + 3 * 4 + 1
+    assert len(set(seeds.values())) == len(seeds), "every (problem, sample) has its own seed"
+    assert p.sample_seed(3, 0) == p.prompt_seed(3)  # vLLM adds the sample index to the prompt seed itself
+    assert SamplingParams(seed=None).sample_seed(3, 1) is None
+    with pytest.raises(ValueError, match="sample must be in"):
+        p.sample_seed(0, 4)
+    fresh = SamplingParams(seed=None).with_random_seed()
+    assert isinstance(fresh.seed, int) and p.with_random_seed() is p
+
+
+def test_requests_take_benchmark_indices():
+    prompts, params, indices = unpack_request((["a", "b"], None))
+    assert params == SamplingParams() and indices == [0, 1]
+    assert unpack_request((["a", "b"], GREEDY, (4, 9)))[2] == [4, 9]
+    with pytest.raises(ValueError, match="1 indices for 2 prompts"):
+        unpack_request((["a", "b"], GREEDY, [3]))
+    with pytest.raises(ValueError, match="non-negative"):
+        unpack_request((["a"], GREEDY, [-1]))
+    with pytest.raises(TypeError, match="a request is"):
+        unpack_request(["a", "b"])
+
+
 def test_truncate_at_stop_cuts_at_the_earliest_stop_string():
     assert truncate_at_stop("a b\n\nc</s>d", ["</s>", "\n\n"]) == "a b"
     assert truncate_at_stop("abc", ["x"]) == "abc"
@@ -155,6 +181,39 @@ def test_hf_sampling_is_seeded_and_leaves_the_global_rng_alone(hf):
     b = hf.generate_completions(PROMPTS[:2], SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=8))
     assert a != b
     assert len({c.token_ids for c in a[0]}) > 1, "samples of one prompt should differ"
+
+
+def test_row_sampler_draws_from_the_tempered_nucleus():
+    from dft_lightning.evaluation.engines import _RowSampler
+
+    rows = 2000
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0]).repeat(rows, 1)
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.7)):
+        out = _RowSampler(range(rows), temperature, top_p, "cpu")(None, logits)
+        assert torch.all((out == 0).sum(-1) == 1) and torch.all(out.isinf().sum(-1) == 3)
+        freq = torch.bincount(out.argmax(-1), minlength=4).float() / rows
+        want = torch.softmax(logits[0] / temperature, -1)
+        if top_p < 1:  # the two likeliest tokens hold 0.82 >= 0.7 of the mass: the others are cut
+            want = torch.tensor([want[0], want[1], 0, 0]) / (want[0] + want[1])
+        torch.testing.assert_close(freq, want, atol=0.035, rtol=0)
+    again = _RowSampler([3, 4], 1.0, 1.0, "cpu")(None, logits[:2])
+    assert torch.equal(again, _RowSampler([3, 4], 1.0, 1.0, "cpu")(None, logits[:2]))
+
+
+def test_hf_samples_depend_on_their_seed_only_not_on_the_batch(model_dir, hf):
+    """A sample's tokens come from its (problem index, sample) seed: the same alone, in another batch size, in
+    another prompt order or beside other prompts."""
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5)
+    prompts = PROMPTS[:5]
+    everything = hf.generate_completions(prompts, params)  # batch_size 8: rows of several prompts share batches
+    assert len({c.token_ids for s in everything for c in s}) > 5, "the samples should differ"
+    single = HFEngine(model_dir, batch_size=1, device="cpu")
+    for i in (4, 1):  # alone, at its benchmark index, in batches of one row
+        assert single.generate_completions([prompts[i]], params, indices=[i])[0] == everything[i]
+    shuffled = hf.generate_completions([prompts[3], prompts[0]], params, indices=[3, 0])
+    assert shuffled == [everything[3], everything[0]]
+    # another index draws other samples for the same prompt
+    assert hf.generate_completions([prompts[0]], params, indices=[7])[0] != everything[0]
 
 
 def test_hf_stop_strings_end_and_truncate_the_completion(hf):

@@ -8,7 +8,8 @@ import pytest
 
 from dft_lightning.data.synthetic import generate, write_jsonl
 from dft_lightning.evaluation.benchmarks.code import load_humaneval
-from dft_lightning.evaluation.engines import Completion, Engine
+from dft_lightning.evaluation.engine_base import unpack_request
+from dft_lightning.evaluation.engines import Completion, Engine, HFEngine
 from dft_lightning.evaluation.run import BenchmarkSpec, EngineSpec, Sampling, evaluate_model
 from tests.conftest import REPO, read_metrics, run_cli
 
@@ -22,7 +23,8 @@ class AnswerKey(Engine):
 
     def generate_many(self, requests):
         out = []
-        for prompts, params in requests:
+        for request in requests:
+            prompts, params, _ = unpack_request(request)
             per_prompt = []
             for prompt in prompts:
                 text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
@@ -69,6 +71,27 @@ def test_shards_add_up_to_the_unsharded_metrics(tmp_path, demo_file):
         parts.append(json.loads((out / "summary.json").read_text())["totals"])
     assert whole["eval/demo/avg@2"] == 0.5
     assert metrics_from_totals(combine_totals(parts)) == whole
+
+
+def test_sampled_shards_repeat_the_unsharded_generations(tmp_path, demo_file, tiny_dir):
+    """Temperature 1: two shards with another batch size give every problem the completions of one run."""
+    specs = [BenchmarkSpec("demo", "math500", str(demo_file), limit=5)]
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=6, seed=3)
+
+    def completions(folder):
+        rows = [json.loads(line) for line in (folder / "demo.jsonl").read_text().splitlines()]
+        return {r["id"]: r["completions"] for r in rows}
+
+    evaluate_model("tiny", specs, HFEngine(tiny_dir, batch_size=4, device="cpu"), sampling,
+                   output_dir=str(tmp_path / "whole"))
+    whole = completions(tmp_path / "whole")
+    sharded, engine = {}, HFEngine(tiny_dir, batch_size=3, device="cpu")
+    for index in range(2):
+        out = tmp_path / f"shard-{index}"
+        evaluate_model("tiny", specs, engine, sampling, output_dir=str(out), shard=(index, 2))
+        sharded.update(completions(out))
+    assert len(whole) == 5 and sharded == whole
+    assert len({text for texts in whole.values() for text in texts}) > 5, "sampled completions should differ"
 
 
 def test_wrong_answers_score_zero(demo_file):
@@ -186,7 +209,8 @@ def test_plain_template_sends_raw_text(demo_file):
     answers = {r["problem"]: f"{r['answer']}" for r in rows}
     spec = BenchmarkSpec("demo", "math500", str(demo_file), template="plain")
     metrics = evaluate_model("unused", [spec], Recorder(answers), Sampling(n=1))
-    prompts, params = seen[0]
+    prompts, params, indices = seen[0]
+    assert indices == list(range(len(prompts)))
     assert all(isinstance(p, str) and p.startswith("Question: ") for p in prompts)
     assert params.stop == ("\nQuestion:",)
     assert metrics["eval/demo/avg@1"] == 1.0  # last-number fall-back grades a bare answer
