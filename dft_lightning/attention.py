@@ -1,12 +1,21 @@
-"""Packed-row attention without a ``[time x time]`` mask: scaled dot-product attention per record.
+"""Attention that stays inside each packed record, for every backend: one dispatcher.
 
-A packed row holds several records back to back; each record must attend only to itself. Flash
-attention does that from the restarting ``position_ids`` (its varlen kernel). For the ``sdpa``
-backend, the obvious way is a dense block-diagonal ``[batch, 1, time, time]`` mask, which makes
-every token pay attention over the whole row, and rules out the causal fast path. Instead this module
-registers one more transformers attention backend, ``VARLEN_SDPA``: it behaves exactly like ``sdpa``
-unless the decoder is called with ``packed_segments`` (each row's record lengths), in which case it
-runs causal ``sdpa`` on each record's slice of the row and concatenates the outputs.
+A packed row holds several records back to back; each record must attend only to itself.
+``decoder_inputs`` turns a ``MicroBatch`` into the decoder's keyword arguments for the configured
+attention backend:
+
+- flash-attention kernels (``flash_attention_2`` / ``_3`` / ``_4``, hub kernels): ``cu_seq_lens_q/k``
+  and ``max_length_q/k`` over the flattened rows, so transformers calls the varlen kernel whatever
+  the number of rows (it infers records from ``position_ids`` only when the batch has one row);
+- ``VARLEN_SDPA`` (below): each row's record lengths as ``packed_segments``;
+- ``sdpa`` on models that do not look attention up by name, ``eager`` and others: a dense
+  block-diagonal causal ``[batch, 1, time, time]`` mask (bool for ``sdpa``, additive otherwise).
+
+For the ``sdpa`` backend, the dense mask makes every token pay attention over the whole row and
+rules out the causal fast path. Instead this module registers one more transformers attention
+backend, ``VARLEN_SDPA``: it behaves exactly like ``sdpa`` unless the decoder is called with
+``packed_segments``, in which case it runs causal ``sdpa`` on each record's slice of the row and
+concatenates the outputs.
 
 ``CausalLMWithTokenStats`` switches a decoder configured for ``sdpa`` to this backend (the exported
 config is unaffected: transformers does not save the attention backend). Layers with a sliding
@@ -16,10 +25,13 @@ banded causal mask of its own length (token ``i`` sees ``j`` when ``i - window <
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from dft_lightning.batch import MicroBatch
 
 VARLEN_SDPA = "dft_varlen_sdpa"
 
@@ -65,16 +77,44 @@ def _band(length: int, window: int, device: torch.device) -> Tensor:
     return ((distance >= 0) & (distance < window))[None, None]
 
 
-def segment_lengths(sequence_ids: Tensor) -> list[list[int]]:
-    """Each row's run lengths of equal ``sequence_ids`` (one record, or the padding at the end, per run)."""
-    batch, time = sequence_ids.shape
-    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
-    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
-    rows: list[list[int]] = [[] for _ in range(batch)]
-    positions = starts.nonzero().tolist()  # one device sync per forward
-    for (row, start), nxt in zip(positions, positions[1:] + [[batch, 0]], strict=True):
-        rows[row].append((nxt[1] if nxt[0] == row else time) - start)
-    return rows
+def packed_attention_mask(sequence_ids: Tensor) -> Tensor:
+    """``[batch, 1, time, time]`` bool mask: causal, and only within the same record (padding: its own block)."""
+    time = sequence_ids.shape[1]
+    causal = torch.ones(time, time, dtype=torch.bool, device=sequence_ids.device).tril()
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    return (same & causal).unsqueeze(1)
+
+
+def is_varlen_kernel(implementation: str) -> bool:
+    """Backends that run transformers' flash-attention path (and take ``cu_seq_lens``)."""
+    return "flash" in implementation or implementation.startswith("kernels-")
+
+
+def decoder_inputs(mb: MicroBatch, implementation: str, *, sliding: bool, mask_dtype: torch.dtype) -> dict[str, Any]:
+    """The decoder keyword arguments that keep ``mb``'s attention inside each record (see module doc).
+
+    ``sliding`` says the decoder has sliding-window layers, which a single dense mask cannot serve;
+    ``mask_dtype`` is the dtype of an additive mask (eager and other backends).
+    """
+    inputs: dict[str, Any] = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, **mb.extra_inputs}
+    if not mb.packed:
+        return {**inputs, "attention_mask": mb.attention_mask}
+    if is_varlen_kernel(implementation):
+        cu, longest = mb.cu_seqlens()
+        return {**inputs, "attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
+    if implementation == VARLEN_SDPA:
+        # an all-ones mask: transformers then builds no mask of its own (records are the spans)
+        return {**inputs, "attention_mask": torch.ones_like(mb.input_ids, dtype=torch.bool),
+                "packed_segments": mb.segments}
+    if sliding:
+        raise NotImplementedError(f"packed rows with {implementation} attention and sliding-window layers: use "
+                                  "attn_implementation sdpa or flash_attention_2")
+    mask = packed_attention_mask(mb.sequence_ids)
+    if implementation != "sdpa":  # eager and others add the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=mask.device).masked_fill(~mask,
+                                                                                        torch.finfo(mask_dtype).min)
+    return {**inputs, "attention_mask": mask}
 
 
 def register() -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dft_lightning import attention
+from dft_lightning.batch import MicroBatch
 from dft_lightning.pretrained import resolve_pretrained
 from dft_lightning.tokens import token_statistics
 
@@ -107,52 +108,21 @@ class CausalLMWithTokenStats(nn.Module):
             raise NotImplementedError(f"output projection of type {type(head).__name__} is not supported")
         return head
 
-    def forward(
-        self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None, sequence_ids: Tensor | None = None, packed: bool = False,
-        entropy: bool = False, **extra: Any,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Per-token statistics; ``extra`` goes to the decoder (e.g. ``pixel_values``).
+    def forward(self, mb: MicroBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token statistics of ``mb`` (``logp`` and, with ``entropy``, the entropy), ``[rows, time - 1]``.
 
-        With ``packed`` rows (several records per row), attention is restricted to each record:
-        flash attention gets the restarting ``position_ids`` alone, ``sdpa`` (run as
-        ``attention.VARLEN_SDPA``) each record's span, other backends a block-diagonal causal mask
-        built from ``sequence_ids``.
+        Attention stays inside each record of packed rows on every backend
+        (``attention.decoder_inputs``).
         """
-        if packed:
-            implementation = self.attn_implementation()
-            if "flash" in implementation:
-                attention_mask = None
-            elif implementation == attention.VARLEN_SDPA:
-                # an all-ones mask: transformers then builds no mask of its own (records are the spans)
-                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-                extra["packed_segments"] = attention.segment_lengths(sequence_ids)
-            else:
-                if self.sliding:  # one [B, 1, T, T] mask would serve every layer, windowed or not
-                    raise NotImplementedError(f"packed rows with {implementation} attention and sliding-window "
-                                              "layers: use attn_implementation sdpa or flash_attention_2")
-                attention_mask = packed_attention_mask(sequence_ids)
-                if implementation != "sdpa":  # eager and others add the mask to the scores
-                    dtype = self.head().weight.dtype
-                    additive = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device)
-                    attention_mask = additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
-        out = self.decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
-        )
+        inputs = attention.decoder_inputs(mb, self.attn_implementation(), sliding=self.sliding,
+                                          mask_dtype=self.head().weight.dtype)
+        out = self.decoder()(**inputs, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         head = self.head()
         return token_statistics(
-            hidden, head.weight, labels[:, 1:], bias=head.bias, entropy=entropy,
+            hidden, head.weight, mb.labels[:, 1:], bias=head.bias, entropy=entropy,
             chunk_size=self.chunk_size, softcap=self.softcap,
         )
-
-
-def packed_attention_mask(sequence_ids: Tensor) -> Tensor:
-    """``[batch, 1, time, time]`` bool mask: causal, and only within the same record (padding: its own block)."""
-    time = sequence_ids.shape[1]
-    causal = torch.ones(time, time, dtype=torch.bool, device=sequence_ids.device).tril()
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    return (same & causal).unsqueeze(1)
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:

@@ -10,7 +10,13 @@ change the update.
 
 Logged per step: ``train/loss`` (the objective), ``train/nll`` (plain NLL, same scale for every
 objective), ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s`` (supervised), token and
-padding counts, and the objective's own diagnostics.
+padding counts, and the objective's own diagnostics. The step's accounting (token counts, metric
+reduction, the non-finite policy, the statistics hook for callbacks) lives in ``dft_lightning.step``.
+
+Checkpoints also hold the objective (class path and constructor arguments), the tokens seen and the
+skipped-step counters. A module built without an objective (``load_from_checkpoint``, or
+``validate`` / ``test`` / ``fit --ckpt_path`` with a config that names none) takes the checkpoint's;
+an objective named in the config wins, and a difference is reported in one line.
 
 Not handled here: fp16 with loss scaling (use bf16), tensor parallelism.
 """
@@ -31,12 +37,15 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from dft_lightning import modeling
+from dft_lightning.batch import MicroBatch
 from dft_lightning.errors import UserError
-from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats
+from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats, build_objective, objective_spec
 from dft_lightning.pretrained import load_tokenizer
+from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "sequence_ids", "packed")
 MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
+CHECKPOINT_KEY = "dft_lightning"
+REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 class FineTuneModule(L.LightningModule):
@@ -79,10 +88,11 @@ class FineTuneModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        _check_settings(lr=lr, weight_decay=weight_decay, betas=betas, warmup_ratio=warmup_ratio,
+                        min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, chunk_size=chunk_size)
+        self._objective_named = objective is not None  # else the checkpoint's objective, if any, is restored
         self.objective = objective if objective is not None else SFT()
-        unknown = set(getattr(self.objective, "requires", ())) - KNOWN_REQUIREMENTS
-        if unknown:
-            raise UserError(f"objective {type(self.objective).__name__} requires unknown statistics {sorted(unknown)}")
+        _check_requirements(self.objective)
         if on_nonfinite not in ("raise", "skip"):
             raise UserError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.save_hyperparameters(ignore=["objective"])
@@ -95,8 +105,7 @@ class FineTuneModule(L.LightningModule):
         })
         self._step_started: float | None = None
         self._tokens_seen = 0
-        self._skipped_steps = 0
-        self._consecutive_skips = 0
+        self.nonfinite = NonFinitePolicy(on_nonfinite, MAX_CONSECUTIVE_SKIPS)
         self._metric_keys: list[str] | None = None
 
     # -- model ---------------------------------------------------------------------------------
@@ -108,9 +117,8 @@ class FineTuneModule(L.LightningModule):
         if hp.dtype != "float32" and not hp.lora:
             rank_zero_warn(f"model.dtype={hp.dtype}: AdamW updates full {hp.dtype} weights, and small updates round "
                            "away; prefer float32 weights with trainer.precision=bf16-mixed or model.fsdp_param_dtype")
-        needs_reference = "reference" in self.objective.requires
         reference_lm = None
-        if needs_reference and (hp.reference is not None or not hp.lora):
+        if self._needs_reference_model():
             reference_lm = (
                 modeling.load_causal_lm(hp.reference, hp.dtype, hp.attn_implementation)
                 if hp.reference is not None else modeling.frozen_copy(lm)
@@ -124,16 +132,26 @@ class FineTuneModule(L.LightningModule):
             if hp.lora:
                 modeling.hf_model(lm).enable_input_require_grads()
         self.model = modeling.CausalLMWithTokenStats(lm, hp.chunk_size).train()
-        if reference_lm is not None:
-            reference = modeling.CausalLMWithTokenStats(reference_lm, hp.chunk_size).requires_grad_(False).eval()
-            object.__setattr__(self, "_reference", reference)  # kept out of state_dict, optimizer and DDP
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
-            param_dtype = getattr(torch, hp.fsdp_param_dtype) if hp.fsdp_param_dtype else None
-            dp_mesh = data_parallel_mesh(mesh)
-            modeling.shard_fsdp2(self.model, dp_mesh, param_dtype)
-            if self._reference is not None:
-                modeling.shard_fsdp2(self._reference, dp_mesh, param_dtype, reshard_root=True)
+            modeling.shard_fsdp2(self.model, data_parallel_mesh(mesh), self._fsdp_param_dtype())
+        if reference_lm is not None:
+            self._set_reference(reference_lm)
+
+    def _needs_reference_model(self) -> bool:
+        """A separate reference model is needed (with LoRA the base model is the policy with adapters off)."""
+        hp = self.hparams
+        return "reference" in self.objective.requires and (hp.reference is not None or not hp.lora)
+
+    def _fsdp_param_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
+
+    def _set_reference(self, reference_lm: torch.nn.Module) -> None:
+        reference = modeling.CausalLMWithTokenStats(reference_lm, self.hparams.chunk_size).requires_grad_(False).eval()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            modeling.shard_fsdp2(reference, data_parallel_mesh(mesh), self._fsdp_param_dtype(), reshard_root=True)
+        object.__setattr__(self, "_reference", reference)  # kept out of state_dict, optimizer and DDP
 
     @property
     def tokenizer(self) -> Any:
@@ -149,24 +167,21 @@ class FineTuneModule(L.LightningModule):
         )
 
     # -- statistics and loss -------------------------------------------------------------------
-    def token_stats(self, batch: dict[str, Any], num_tokens: Tensor) -> TokenStats:
+    def token_stats(self, mb: MicroBatch, num_tokens: Tensor) -> TokenStats:
         assert self.model is not None
         requires = self.objective.requires
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        inputs.update(batch.get("extra_inputs") or {})  # e.g. pixel_values, image_grid_thw
-        logp, entropy = self.model(**inputs, entropy="entropy" in requires)
+        logp, entropy = self.model(mb, entropy="entropy" in requires)
         ref_logp = None
         if "reference" in requires:
             with torch.no_grad():
                 if self._reference is not None:
                     self._reference.to(self.device)
-                    ref_logp, _ = self._reference(**inputs)
+                    ref_logp, _ = self._reference(mb)
                 else:  # LoRA: the base model is the policy with adapters off
                     with modeling.adapter_disabled(self.model.lm):
-                        ref_logp, _ = self.model(**inputs)
-        labels = batch["labels"][:, 1:]
+                        ref_logp, _ = self.model(mb)
         return TokenStats(
-            logp=logp, mask=labels != -100, sequence=batch["sequence_ids"][:, 1:], num_tokens=num_tokens,
+            logp=logp, mask=mb.target_mask, sequence=mb.sequence_ids[:, 1:], num_tokens=num_tokens,
             ref_logp=ref_logp, entropy=entropy,
         )
 
@@ -184,115 +199,78 @@ class FineTuneModule(L.LightningModule):
             return stack
         return nullcontext()
 
-    def _all_reduce(self, values: Tensor, op: Any = None) -> Tensor:
+    def _all_reduce(self, values: Tensor, op: str = "sum") -> Tensor:
+        """``values`` reduced over ranks (``op``: ``sum``, ``max`` or ``min``); unchanged on one process."""
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             values = values.clone()
-            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+            dist.all_reduce(values, op=getattr(dist.ReduceOp, REDUCE_OPS[op]))
         return values
 
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        now = time.perf_counter()
-        started = self._step_started or now
+    def training_step(self, batch: list[MicroBatch], batch_idx: int) -> None:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        started = self._step_started or time.perf_counter()
         batch = self._equalise_micro_batches(batch)
-        local_tokens = torch.tensor(
-            [float((mb["labels"][:, 1:] != -100).sum()) for mb in batch], device=self.device
-        )
+        local_tokens = supervised_counts(batch, self.device)
         num_tokens = self._all_reduce(local_tokens.sum()).clamp_min(1)
-        world = self.trainer.world_size
-        sums: dict[str, Tensor] = {}
-        extremes: dict[str, Tensor] = {}
-
-        def add(name: str, value: Tensor) -> None:
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-
+        hooks = [cb for cb in self.trainer.callbacks if isinstance(cb, TokenStatsHook)]
+        metrics = StepMetrics()
         for i, mb in enumerate(batch):
             with self._sync_context(last=i == len(batch) - 1):
                 stats = self.token_stats(mb, num_tokens)
                 out = self.objective(stats)
-                self.manual_backward(out.loss * world)
-            add("train/loss", out.loss)
-            add("train/nll", stats.token_sum(stats.nll()).detach())
-            share = local_tokens[i] / num_tokens
-            for key, value in out.metrics.items():
-                if key.endswith(("_max", "_min")):
-                    prev = extremes.get(key)
-                    value = value.detach().float()
-                    extremes[key] = value if prev is None else (
-                        torch.maximum(prev, value) if key.endswith("_max") else torch.minimum(prev, value))
-                else:
-                    add(key, value * share)
-
-        names = sorted(sums)
-        self._check_metric_keys(names + sorted(extremes))
-        reduced = self._all_reduce(torch.stack([torch.as_tensor(sums[n], device=self.device) for n in names]))
-        logs = dict(zip(names, reduced, strict=True))
-        for key, value in extremes.items():
-            op = dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.MIN
-            logs[key] = self._all_reduce(value, op)
-
+                self.manual_backward(out.loss * self.trainer.world_size)  # ranks' gradients are averaged
+            metrics.add("train/loss", out.loss)
+            metrics.add("train/nll", stats.token_sum(stats.nll()))
+            metrics.add_objective(out.metrics, local_tokens[i] / num_tokens)
+            for hook in hooks:
+                hook.on_train_token_stats(self.trainer, self, mb, detached(stats))
+        self._check_metric_keys(metrics.keys())
+        logs = metrics.reduce(self._all_reduce, self.device)
         grad_norm = self._clip_gradients()
-        if not (torch.isfinite(logs["train/loss"]) and torch.isfinite(grad_norm)):
-            rows = [r for mb in batch for r in mb["row_ids"] if r is not None]
-            message = (f"non-finite loss {float(logs['train/loss'])} or gradient norm {float(grad_norm)} at step "
-                       f"{self.global_step} (rows {rows[:8]})")
-            if self.hparams.on_nonfinite == "raise":
-                raise FloatingPointError(message + "; set model.on_nonfinite=skip to skip such steps")
-            rank_zero_warn(f"[dft_lightning] skipping step: {message}")
+        rows = [r for mb in batch for r in mb.row_ids if r is not None]
+        if not self.nonfinite.admit(logs["train/loss"], grad_norm, f"step {self.global_step} (rows {rows[:8]})",
+                                    warn=rank_zero_warn):
             optimizer.zero_grad(set_to_none=True)
-            self._skipped_steps += 1
-            self._consecutive_skips += 1
-            if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise FloatingPointError(f"{MAX_CONSECUTIVE_SKIPS} consecutive non-finite steps; last: {message}")
-            self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, batch_size=1)
+            self.log("train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=1)
             return
-
-        self._consecutive_skips = 0
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-
-        finished = time.perf_counter()
-        self._step_started = finished
+        finished = self._step_started = time.perf_counter()
         self._tokens_seen += int(num_tokens)
-        real = self._all_reduce(torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in batch)),
-                                             device=self.device))
-        padded = self._all_reduce(torch.tensor(float(sum(mb["attention_mask"].numel() for mb in batch)),
-                                               device=self.device))
-        logs.update({
-            "train/lr": torch.tensor(lr),
-            "train/grad_norm": grad_norm,
-            "train/tokens_per_s": num_tokens / max(finished - started, 1e-9),
-            "train/supervised_tokens": num_tokens,
-            "train/tokens_seen": torch.tensor(float(self._tokens_seen)),
-            "train/padding_efficiency": real / padded.clamp_min(1),
-            "train/micro_batches": torch.tensor(float(len(batch))),
-        })
+        logs.update(self._step_logs(batch, num_tokens, lr, grad_norm, finished - started))
         # Values are already reduced over ranks (identical everywhere): no further sync.
         self.log_dict({k: v.detach().float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=1)
         self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1)
 
-    def _equalise_micro_batches(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _step_logs(self, batch: list[MicroBatch], num_tokens: Tensor, lr: float, grad_norm: Tensor,
+                   seconds: float) -> dict[str, Tensor]:
+        real, padded = self._all_reduce(torch.tensor(
+            [float(sum(mb.real_tokens() for mb in batch)), float(sum(mb.padded_tokens() for mb in batch))],
+            device=self.device))
+        return {
+            "train/lr": torch.tensor(lr),
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": num_tokens / max(seconds, 1e-9),
+            "train/supervised_tokens": num_tokens,
+            "train/tokens_seen": torch.tensor(float(self._tokens_seen)),
+            "train/skipped_steps": torch.tensor(float(self.nonfinite.skipped)),
+            "train/padding_efficiency": real / padded.clamp_min(1),
+            "train/micro_batches": torch.tensor(float(len(batch))),
+        }
+
+    def _equalise_micro_batches(self, batch: list[MicroBatch]) -> list[MicroBatch]:
         """Packed steps can give ranks different numbers of rows; every rank must run as many passes.
 
-        Ranks with fewer micro-batches get leading no-op ones (two tokens, nothing supervised), which
-        run forward and backward like the others without changing the gradient.
+        Ranks with fewer micro-batches get leading no-op ones (``MicroBatch.no_op``), which run forward
+        and backward like the others without changing the gradient.
         """
-        if self.trainer.world_size == 1 or not batch[0].get("packed"):
+        if self.trainer.world_size == 1 or not batch[0].packed:
             return batch
-        count = torch.tensor(float(len(batch)), device=self.device)
-        most = int(self._all_reduce(count, dist.ReduceOp.MAX))
-        if most == len(batch):
-            return batch
-        first = batch[0]
-        dummy = {k: v[:1, :2].clone() for k, v in first.items() if torch.is_tensor(v)}
-        dummy["labels"].fill_(-100)
-        dummy["sequence_ids"].fill_(0)
-        dummy.update(packed=True, row_ids=[None])
-        return [dummy] * (most - len(batch)) + batch
+        most = int(self._all_reduce(torch.tensor(float(len(batch)), device=self.device), "max"))
+        return [MicroBatch.no_op(batch[0])] * (most - len(batch)) + batch
 
     def _check_metric_keys(self, keys: list[str]) -> None:
         """Ranks must reduce the same metrics (else the collective hangs): checked on the first step."""
@@ -335,11 +313,40 @@ class FineTuneModule(L.LightningModule):
                 logger.log_hyperparams({"objective": repr(self.objective)})
                 logger.log_metrics(metrics, step=0)
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "objective": objective_spec(self.objective), "tokens_seen": self._tokens_seen,
+            "nonfinite": self.nonfinite.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        self._tokens_seen = int(state.get("tokens_seen", 0))
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        saved = state.get("objective")
+        if saved is None:
+            return
+        current = objective_spec(self.objective)
+        if self._objective_named:
+            if current != saved:
+                rank_zero_info(f"[dft_lightning] objective {_describe(current)} from the config replaces the "
+                               f"checkpoint's {_describe(saved)}")
+            return
+        self.objective = build_objective(saved)
+        _check_requirements(self.objective)
+        self._objective_named = True
+        rank_zero_info(f"[dft_lightning] objective {_describe(saved)} restored from the checkpoint")
+        if self.model is not None and self._reference is None and self._needs_reference_model():
+            hp = self.hparams  # the reference is the starting model (or model.reference): load it afresh
+            self._set_reference(modeling.load_causal_lm(hp.reference or self.pretrained, hp.dtype,
+                                                        hp.attn_implementation))
+
     # -- evaluation ----------------------------------------------------------------------------
-    def _evaluate(self, batch: list[dict[str, Any]], split: str) -> None:
+    def _evaluate(self, batch: list[MicroBatch], split: str) -> None:
         loss, nll = self.eval_metrics[f"{split}_loss"], self.eval_metrics[f"{split}_nll"]
         for mb in batch:
-            tokens = (mb["labels"][:, 1:] != -100).sum().float()
+            tokens = mb.target_mask.sum().float()
             stats = self.token_stats(mb, tokens.clamp_min(1))
             loss.update(self.objective(stats).loss.detach(), weight=tokens)
             nll.update(stats.token_sum(stats.nll()).detach(), weight=tokens)
@@ -364,10 +371,10 @@ class FineTuneModule(L.LightningModule):
             rank_zero_info(f"[dft_lightning] held-out val/nll: {baseline['val/nll']:.4f} before training, "
                            f"{float(final):.4f} after")
 
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def validation_step(self, batch: list[MicroBatch], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def test_step(self, batch: list[MicroBatch], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     # -- optimisation --------------------------------------------------------------------------
@@ -388,6 +395,38 @@ class FineTuneModule(L.LightningModule):
             optimizer, warmup_cosine(total, hp.warmup_ratio, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_settings(**values: Any) -> None:
+    """One-line errors for optimisation settings out of range (named as the ``model.`` keys)."""
+    rules = {
+        "lr": (lambda v: v > 0 and math.isfinite(v), "a positive number (paper: 5e-5)"),
+        "weight_decay": (lambda v: v >= 0, "zero or more"),
+        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (paper: 0.1)"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "max_grad_norm": (lambda v: v >= 0, "zero (no clipping) or more (paper: 1.0)"),
+        "chunk_size": (lambda v: v is None or v > 0, "a positive number of tokens, or unset"),
+    }
+    for key, value in values.items():
+        ok, what = rules[key]
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise UserError(f"model.{key}={value!r} must be {what}")
+
+
+def _check_requirements(objective: Any) -> None:
+    unknown = set(getattr(objective, "requires", ())) - KNOWN_REQUIREMENTS
+    if unknown:
+        raise UserError(f"objective {type(objective).__name__} requires unknown statistics {sorted(unknown)}")
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in (spec.get("init_args") or {}).items())
+    return f"{spec['class_path'].rpartition('.')[2]}({args})"
 
 
 def data_parallel_mesh(mesh: Any) -> Any:

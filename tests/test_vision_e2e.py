@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from tests.conftest import REPO, read_metrics, run_cli, series
 
 TINY_VL_CONF = str(REPO / "conf" / "tiny_vl.yaml")
-MODEL_KEYS = ("input_ids", "labels", "attention_mask", "sequence_ids", "packed")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def shapes(tmp_path_factory):
 
 
 def stats(model, mb):
-    return model(**{k: mb[k] for k in MODEL_KEYS}, **mb.get("extra_inputs", {}))[0]
+    return model(mb)[0]
 
 
 def test_decoder_head_and_images_reach_the_loss(shapes):
@@ -42,13 +42,14 @@ def test_decoder_head_and_images_reach_the_loss(shapes):
         batched = stats(model, batch)
         assert torch.isfinite(batched).all()
         assert (lm.model.rope_deltas != 0).all()  # 3-D rotary positions: image tokens share positions
-        for i, row_id in enumerate(batch["row_ids"]):  # patches of each row are where the model expects them
+        assert batch.position_ids is None  # the model builds its 3-D rotary positions itself
+        for i, row_id in enumerate(batch.row_ids):  # patches of each row are where the model expects them
             (single,) = collate([next(r for r in rows if r["row_id"] == row_id)])
-            n = single["input_ids"].shape[1] - 1
+            n = single.input_ids.shape[1] - 1
             torch.testing.assert_close(batched[i, :n], stats(model, single)[0], rtol=1e-4, atol=1e-4)
-        other = {**batch, "extra_inputs": {**batch["extra_inputs"],
-                                           "pixel_values": batch["extra_inputs"]["pixel_values"].flip(0)}}
-        mask = batch["labels"][:, 1:] != -100
+        other = dataclasses.replace(batch, extra_inputs={
+            **batch.extra_inputs, "pixel_values": batch.extra_inputs["pixel_values"].flip(0)})
+        mask = batch.target_mask
         assert not torch.allclose(batched[mask], stats(model, other)[mask])  # the pixels matter
 
 

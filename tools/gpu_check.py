@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from dft_lightning.batch import MicroBatch  # noqa: E402
+
 QWEN25_1P5B = dict(
     hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
     vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True,
@@ -57,7 +59,7 @@ class Timer(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
-        self.tokens.append(float(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in batch)))
+        self.tokens.append(float(sum(mb.supervised_tokens() for mb in batch)))
 
 
 def random_steps(steps: int, micro: int, per_step: int, seq_len: int, vocab: int, seed: int = 0):
@@ -68,12 +70,11 @@ def random_steps(steps: int, micro: int, per_step: int, seq_len: int, vocab: int
         step = []
         for _ in range(per_step):
             ids = torch.randint(0, vocab, (micro, seq_len), generator=g)
-            step.append({
-                "input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                "sequence_ids": torch.arange(micro).unsqueeze(1).expand(micro, seq_len).clone(),
-                "position_ids": torch.arange(seq_len).expand(micro, seq_len).clone(), "packed": False,
-                "row_ids": [None] * micro,
-            })
+            step.append(MicroBatch(
+                input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids),
+                sequence_ids=torch.arange(micro).unsqueeze(1).expand(micro, seq_len).clone(),
+                position_ids=torch.arange(seq_len).expand(micro, seq_len).clone(), row_ids=[None] * micro,
+            ))
         data.append(step)
     return data
 

@@ -5,15 +5,19 @@ seed), gives every data-parallel rank an equal share, and ``collate_steps`` spli
 micro-batches of at most ``micro_batch_size`` rows, grouped by length within the step so padding
 stays low. Because one loader item is one optimizer step, the module knows the step's supervised
 token count before the first backward and normalises the loss exactly (see
-``dft_lightning.objectives.base``), and every rank runs the same number of forward/backward passes.
+``dft_lightning.objectives.base``). Padded steps give every rank the same number of micro-batches;
+packed steps may not (records pack differently), and the module pads the shorter ranks with
+no-op micro-batches (``MicroBatch.no_op``).
 
 For evaluation (``drop_last=False``) the last step is filled up with masked repeats of real rows
 (their labels are all ignored), so ranks stay in lock-step without counting any row twice.
 
-With packing (``PackedStepCollator``), a step's records are packed first-fit-decreasing into rows
-of at most ``pack_length`` tokens; position ids restart at every record and ``sequence_ids`` name the
-record of each token, from which the model builds a block-diagonal causal mask, so no token attends
-across records. The first token of every record is never a target.
+Micro-batches are ``dft_lightning.batch.MicroBatch`` objects. With packing (``PackedStepCollator``),
+a step's records are packed first-fit-decreasing into rows of at most ``pack_length`` tokens;
+position ids restart at every record, ``sequence_ids`` name the record of each token and
+``segments`` hold each row's record lengths, from which ``dft_lightning.attention.decoder_inputs``
+keeps attention inside each record on every backend. The first token of every record is never a
+target.
 
 Not handled here: packing across optimizer steps (a step's records stay in that step).
 """
@@ -27,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dft_lightning.data.chat import IGNORE_INDEX
+from dft_lightning.batch import IGNORE_INDEX, MicroBatch
 
 
 class StepBatchSampler:
@@ -88,8 +92,8 @@ class StepDataset(torch.utils.data.Dataset):
         return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "row_id": None}
 
 
-def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad rows into tensors: input_ids, labels, attention_mask, sequence_ids, row_ids."""
+def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int, *, positions: bool = True) -> MicroBatch:
+    """Right-pad rows into one micro-batch; ``positions=False`` leaves the position ids to the model."""
     width = max(len(r["input_ids"]) for r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -102,11 +106,11 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         labels[i, :n] = torch.tensor(r["labels"])
         attention[i, :n] = 1
         sequence[i, :n] = i
-    return {
-        "input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_ids": sequence,
-        "position_ids": torch.arange(width).expand(batch, width).clone(), "packed": False,
-        "row_ids": [r.get("row_id") for r in rows],
-    }
+    return MicroBatch(
+        input_ids=input_ids, labels=labels, attention_mask=attention, sequence_ids=sequence,
+        position_ids=torch.arange(width).expand(batch, width).clone() if positions else None,
+        row_ids=[r.get("row_id") for r in rows],
+    )
 
 
 def pack_records(rows: Sequence[dict[str, Any]], capacity: int) -> list[list[dict[str, Any]]]:
@@ -128,8 +132,8 @@ def pack_records(rows: Sequence[dict[str, Any]], capacity: int) -> list[list[dic
     return bins
 
 
-def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> dict[str, Any]:
-    """Rows of packed records -> tensors; ``sequence_ids`` number the records across the micro-batch."""
+def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> MicroBatch:
+    """Rows of packed records -> one micro-batch; ``sequence_ids`` number the records across it."""
     width = max(sum(len(r["input_ids"]) for r in b) for b in bins)
     batch = len(bins)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -137,9 +141,9 @@ def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> dict[st
     attention = torch.zeros((batch, width), dtype=torch.long)
     sequence = torch.full((batch, width), -1, dtype=torch.long)
     positions = torch.zeros((batch, width), dtype=torch.long)
-    row_ids, record = [], 0
+    row_ids, segments, record = [], [], 0
     for i, b in enumerate(bins):
-        start = 0
+        start, runs = 0, []
         for r in b:
             n = len(r["input_ids"])
             input_ids[i, start : start + n] = torch.tensor(r["input_ids"])
@@ -149,13 +153,15 @@ def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> dict[st
             sequence[i, start : start + n] = record
             positions[i, start : start + n] = torch.arange(n)
             row_ids.append(r.get("row_id"))
+            runs.append(n)
             record += 1
             start += n
         positions[i, start:] = torch.arange(width - start)
-    return {
-        "input_ids": input_ids, "labels": labels, "attention_mask": attention, "sequence_ids": sequence,
-        "position_ids": positions, "packed": True, "row_ids": row_ids,
-    }
+        segments.append(runs + ([width - start] if start < width else []))  # the padding: a run of its own
+    return MicroBatch(
+        input_ids=input_ids, labels=labels, attention_mask=attention, sequence_ids=sequence,
+        position_ids=positions, segments=segments, row_ids=row_ids,
+    )
 
 
 class StepCollator:
@@ -164,7 +170,7 @@ class StepCollator:
     def __init__(self, micro_batch_size: int, pad_id: int) -> None:
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
 
-    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict[str, Any]]) -> list[MicroBatch]:
         ordered = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
         size = self.micro_batch_size
         return [pad_rows(ordered[i : i + size], self.pad_id) for i in range(0, len(ordered), size)]
@@ -176,14 +182,14 @@ class PackedStepCollator:
     def __init__(self, micro_batch_size: int, pad_id: int, pack_length: int) -> None:
         self.micro_batch_size, self.pad_id, self.pack_length = micro_batch_size, pad_id, pack_length
 
-    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict[str, Any]]) -> list[MicroBatch]:
         bins = pack_records(rows, self.pack_length)
         size = self.micro_batch_size
         return [pad_packed(bins[i : i + size], self.pad_id) for i in range(0, len(bins), size)]
 
 
-def padding_efficiency(micro_batches: Sequence[dict[str, Any]]) -> float:
+def padding_efficiency(micro_batches: Sequence[MicroBatch]) -> float:
     """Real tokens / (rows x padded width) over a step's micro-batches."""
-    real = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    total = sum(mb["attention_mask"].numel() for mb in micro_batches)
+    real = sum(mb.real_tokens() for mb in micro_batches)
+    total = sum(mb.padded_tokens() for mb in micro_batches)
     return real / max(total, 1)

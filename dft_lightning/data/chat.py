@@ -22,9 +22,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from dft_lightning.batch import IGNORE_INDEX
 from dft_lightning.errors import DataError
 
-IGNORE_INDEX = -100
 ROLES = {"system", "user", "assistant"}
 FALLBACK_TEMPLATE = (  # for tokenizers without a chat template (base models)
     "{% if bos_token %}{{ bos_token }}{% endif %}"

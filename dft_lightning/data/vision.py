@@ -57,6 +57,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from dft_lightning.batch import MicroBatch
 from dft_lightning.data.batching import StepBatchSampler, StepDataset, pad_rows
 from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
 from dft_lightning.data.module import ChatDataModule
@@ -179,22 +180,21 @@ class VisionStepCollator:
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
         self.image_token_id, self.video_token_id, self.token_type_ids = image_token_id, video_token_id, token_type_ids
 
-    def micro_batch(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = pad_rows(rows, self.pad_id)
-        del batch["position_ids"]  # the model builds 3-D rotary positions for image tokens itself
+    def micro_batch(self, rows: list[dict[str, Any]]) -> MicroBatch:
+        batch = pad_rows(rows, self.pad_id, positions=False)  # the model builds 3-D rotary positions itself
         with_images = [r for r in rows if r.get("image_grid_thw") is not None]
         if with_images:
             extra = {"pixel_values": torch.cat([r["pixel_values"] for r in with_images]),
                      "image_grid_thw": torch.cat([r["image_grid_thw"] for r in with_images])}
             if self.token_type_ids:
-                types = (batch["input_ids"] == self.image_token_id).to(torch.int32)
+                types = (batch.input_ids == self.image_token_id).to(torch.int32)
                 if self.video_token_id is not None:
-                    types[batch["input_ids"] == self.video_token_id] = 2
+                    types[batch.input_ids == self.video_token_id] = 2
                 extra["mm_token_type_ids"] = types
-            batch["extra_inputs"] = extra
+            batch.extra_inputs = extra
         return batch
 
-    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict[str, Any]]) -> list[MicroBatch]:
         ordered = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
         size = self.micro_batch_size
         return [self.micro_batch(ordered[i : i + size]) for i in range(0, len(ordered), size)]

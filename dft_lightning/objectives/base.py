@@ -16,13 +16,20 @@ its supervised tokens; the module averages them over micro-batches and ranks wei
 supervised tokens. Keys ending in ``_max`` / ``_min`` are reduced by max / min instead. Return the
 same keys on every call (ranks reduce them together).
 
+Checkpoints record the objective (``objective_spec``: class path and constructor arguments, which
+``Objective`` captures at construction) so that ``load_from_checkpoint``, ``validate`` and ``test``
+rebuild it (``build_objective``) when nothing else names one.
+
 Not handled here: computing the statistics (``dft_lightning.tokens``), reference models
 (``dft_lightning.module``), logging.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,9 +118,71 @@ class Objective:
 
     requires: frozenset[str] = frozenset()
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Objective:
+        self = super().__new__(cls)
+        self._init_args = _bound_arguments(cls, args, kwargs)  # what objective_spec saves in checkpoints
+        return self
+
     def __call__(self, stats: TokenStats) -> ObjectiveOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def _bound_arguments(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Constructor arguments by name, defaults filled in; ``None`` when they cannot be named."""
+    try:
+        bound = inspect.signature(cls).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # e.g. unpickling calls __new__ without arguments; __dict__ follows
+        return None
+    bound.apply_defaults()
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+def objective_spec(objective: Any) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of an objective (``init_args`` is ``None`` when unknown).
+
+    ``Objective`` subclasses record their constructor arguments; for other classes of the same
+    shape, constructor parameters are read back from attributes of the same name.
+    """
+    cls = type(objective)
+    init_args = getattr(objective, "_init_args", None)
+    if init_args is None and not isinstance(objective, Objective):
+        try:
+            params = [p for p in inspect.signature(cls).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and all(hasattr(objective, p.name) for p in params):
+            init_args = {p.name: getattr(objective, p.name) for p in params}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": dict(init_args) if init_args is not None else None}
+
+
+def build_objective(spec: dict[str, Any]) -> Any:
+    """The objective that ``spec`` (from ``objective_spec``) describes."""
+    from dft_lightning.errors import UserError
+
+    class_path = spec.get("class_path", "")
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"the checkpoint's objective {class_path} cannot be imported ({e}); put its module on "
+                        "PYTHONPATH or name one with model.objective") from None
+    if spec.get("init_args") is None:
+        raise UserError(f"the checkpoint records objective {class_path} without its constructor arguments; name it "
+                        "with model.objective (and its init_args)")
+    return cls(**spec["init_args"])

@@ -58,8 +58,8 @@ def test_batch_must_split_over_ranks():
 def test_collator_groups_by_length_and_pads():
     rows = [{"input_ids": list(range(n)), "labels": [-100] + list(range(1, n)), "row_id": str(n)} for n in (3, 9, 4, 8)]
     micro = StepCollator(micro_batch_size=2, pad_id=0)(rows)
-    assert [mb["row_ids"] for mb in micro] == [["9", "8"], ["4", "3"]]
-    assert micro[1]["input_ids"].shape == (2, 4)
-    assert torch.equal(micro[1]["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
-    assert torch.equal(micro[1]["sequence_ids"], torch.tensor([[0, 0, 0, 0], [1, 1, 1, -1]]))
-    assert micro[1]["labels"][1, 3] == -100
+    assert [mb.row_ids for mb in micro] == [["9", "8"], ["4", "3"]]
+    assert micro[1].input_ids.shape == (2, 4)
+    assert torch.equal(micro[1].attention_mask, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    assert torch.equal(micro[1].sequence_ids, torch.tensor([[0, 0, 0, 0], [1, 1, 1, -1]]))
+    assert micro[1].labels[1, 3] == -100

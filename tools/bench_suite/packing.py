@@ -122,13 +122,13 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Section:
                 times[name][i].append(_timed_step(module, [mb], objective, device))
     config._attn_implementation = backend["packed"]
     seconds = {name: sum(statistics.median(t) for t in times[name]) for name in names}
-    real = {name: sum(int(mb["attention_mask"].sum()) for mb in flat[name]) for name in names}
+    real = {name: sum(mb.real_tokens() for mb in flat[name]) for name in names}
     efficiency = {name: [padding_efficiency(step) for step in batches[name]] for name in names}
     rate = {v: real[v] / seconds[v] for v in variants}
     eff = {v: statistics.mean(efficiency[v]) for v in variants}
     for name in variants:
-        widest = max(range(len(flat[name])), key=lambda i: flat[name][i]["input_ids"].numel())
-        shape = "x".join(map(str, flat[name][widest]["input_ids"].shape))
+        widest = max(range(len(flat[name])), key=lambda i: flat[name][i].input_ids.numel())
+        shape = "x".join(map(str, flat[name][widest].input_ids.shape))
         print(f"  {name:>15}: {len(flat[name]):3d} micro-batches, {real[name]} real tokens in {seconds[name]:.2f} s: "
               f"{rate[name]:8.0f} real tokens/s, padding efficiency {eff[name]:.3f}; widest micro-batch {shape} "
               f"{statistics.median(times[name][widest]) * 1e3:.0f} ms")

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,6 +22,7 @@ from bench_suite.common import (
     IWSFT,
     REPO,
     SFT,
+    MicroBatch,
     Objective,
     Result,
     Section,
@@ -61,7 +61,7 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     if "iwsft" in which:
         objectives["iwsft"] = IWSFT()
     params = sum(p.numel() for p in module.model.parameters())
-    rows, width = batch[0]["input_ids"].shape
+    rows, width = batch[0].input_ids.shape
     section.settings.append(
         f"step time: model `{model}` ({params / 1e6:.1f}M parameters, fp32), one micro-batch of {rows} rows x "
         f"{width} tokens ({_supervised(batch)} supervised) from the demo data, {warmup} warm-up + {reps} "
@@ -115,13 +115,12 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     return section
 
 
-def _objective_times(objectives: dict[str, Objective], batch: dict[str, Any], device: torch.device,
+def _objective_times(objectives: dict[str, Objective], batch: MicroBatch, device: torch.device,
                      reps: int) -> dict[str, list[float]]:
     """Seconds of ``objective(stats).loss.backward()`` alone, per objective without extra requirements."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = (-torch.rand(labels.shape, device=device) * 3).requires_grad_(True)
-    stats = TokenStats(logp=logp, mask=mask, sequence=batch["sequence_ids"][:, 1:],
+    mask = batch.target_mask
+    logp = (-torch.rand(mask.shape, device=device) * 3).requires_grad_(True)
+    stats = TokenStats(logp=logp, mask=mask, sequence=batch.sequence_ids[:, 1:],
                        num_tokens=mask.sum().float())
     chosen = {n: o for n, o in objectives.items() if not o.requires}
     times: dict[str, list[float]] = {n: [] for n in chosen}
