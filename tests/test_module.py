@@ -98,3 +98,86 @@ def test_nonfinite_loss_raises_naming_the_step_or_is_skipped(tmp_path):
     start.configure_model()
     for (name, a), b in zip(module.model.state_dict().items(), start.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+class StatsSeen(L.Callback):
+    """Collects what the token-statistics hook hands to callbacks."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def on_train_token_stats(self, trainer, pl_module, batch, stats) -> None:
+        self.seen.append((batch.supervised_tokens(), stats))
+
+
+def fit_and_save(tmp_path, objective, steps: int = 2, callbacks=(), **module_kwargs):
+    torch.manual_seed(0)
+    module = FineTuneModule("tiny:qwen2", objective=objective, **module_kwargs)
+    data = DemoMathDataModule(num_train=16, num_test=4, tokenizer="tiny:qwen2", batch_size=8, micro_batch_size=4,
+                              data_dir=str(tmp_path / "data"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks))
+    trainer.fit(module, data)
+    path = tmp_path / "step.ckpt"
+    trainer.save_checkpoint(path)
+    return module, path
+
+
+def test_checkpoints_restore_the_objective_and_the_step_counters(tmp_path):
+    seen = StatsSeen()
+    trained, path = fit_and_save(tmp_path, DFT(min_weight=0.2), callbacks=[seen])
+    # the hook saw every micro-batch of both steps, detached, with the step's token count
+    assert len(seen.seen) == 4 and not any(s.logp.requires_grad for _, s in seen.seen)
+    assert all(int(s.mask.sum()) == n for n, s in seen.seen)
+    assert trained._tokens_seen == sum(n for n, _ in seen.seen) > 0
+    loaded = FineTuneModule.load_from_checkpoint(path)
+    assert type(loaded.objective) is DFT and loaded.objective.min_weight == 0.2
+    assert loaded._tokens_seen == trained._tokens_seen
+    for (name, a), b in zip(loaded.model.state_dict().items(), trained.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_restored_reference_objective_gets_its_reference_and_a_named_objective_wins(tmp_path, caplog):
+    _, path = fit_and_save(tmp_path, IWSFT(), steps=1)
+    loaded = FineTuneModule.load_from_checkpoint(path)
+    assert type(loaded.objective) is IWSFT and loaded._reference is not None
+    start = FineTuneModule("tiny:qwen2")
+    start.configure_model()  # the reference is the starting model, not the trained one
+    for (name, a), b in zip(loaded._reference.state_dict().items(), start.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with caplog.at_level("INFO"):
+        named = FineTuneModule.load_from_checkpoint(path, objective=SFT())
+    assert type(named.objective) is SFT and named._reference is None
+    assert "objective SFT() from the config replaces the checkpoint's IWSFT(" in caplog.text
+
+
+def test_objective_specs_round_trip_also_for_classes_outside_the_base():
+    from dft_lightning.objectives import build_objective, objective_spec
+
+    class Plain:  # the objective shape without the base class: constructor arguments kept as attributes
+        requires = frozenset()
+
+        def __init__(self, gamma: float = 2.0) -> None:
+            self.gamma = gamma
+
+    assert objective_spec(DFT(min_weight=0.3)) == {"class_path": "dft_lightning.objectives.dft.DFT",
+                                                   "init_args": {"min_weight": 0.3}}
+    assert build_objective(objective_spec(DFT(0.3))).min_weight == 0.3
+    assert objective_spec(Plain(gamma=0.5))["init_args"] == {"gamma": 0.5}
+    from dft_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="my_missing.Objective cannot be imported"):
+        build_objective({"class_path": "my_missing.Objective", "init_args": {}})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -1.0, "model.lr=-1.0 must be a positive number"),
+    ("warmup_ratio", 1.5, "model.warmup_ratio=1.5 must be in [0, 1]"),
+    ("max_grad_norm", -0.1, "model.max_grad_norm=-0.1 must be zero"),
+])
+def test_out_of_range_settings_name_the_key(key, value, message):
+    from dft_lightning.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        FineTuneModule("tiny:qwen2", **{key: value})
