@@ -185,13 +185,14 @@ def merge_lora(state: dict[str, Tensor], scalings: dict[str, float], adapter: st
 
 def export_hf(
     model: CausalLMWithTokenStats, tokenizer: Any, out_dir: str | Path, *, merge_lora_weights: bool = True,
-    is_rank_zero: bool = True,
+    is_rank_zero: bool = True, image_processor: Any = None,
 ) -> Path | None:
     """Write an HF directory (config, safetensors, tokenizer) that transformers and vLLM load.
 
     Collective under FSDP2: call on every rank; only rank zero writes. LoRA adapters are merged into
     the base weights unless ``merge_lora_weights`` is false, in which case a peft adapter directory
-    is written instead.
+    is written instead. Vision-language models get ``image_processor`` (the one training used, with
+    its pixel bounds) or else the base checkpoint's.
     """
     from huggingface_hub import save_torch_state_dict
     from torch.distributed.tensor import DTensor
@@ -229,7 +230,9 @@ def export_hf(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     name = str(getattr(inner.config, "_name_or_path", "") or "")
-    if (Path(name) / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
+    if image_processor is not None:  # as trained: min_pixels / max_pixels of the data module
+        image_processor.save_pretrained(out)
+    elif (Path(name) / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
         shutil.copy2(Path(name) / "preprocessor_config.json", out / "preprocessor_config.json")
     elif name and getattr(inner.config, "vision_config", None) is not None:  # a hub id: its cached processor
         from transformers import AutoImageProcessor

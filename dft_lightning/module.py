@@ -160,10 +160,14 @@ class FineTuneModule(L.LightningModule):
         return self._tokenizer
 
     def export_hf(self, out_dir: str | Path, merge_lora: bool = True) -> Path | None:
-        """Write HF weights + tokenizer (collective under FSDP2; rank zero writes)."""
+        """Write HF weights + tokenizer (collective under FSDP2; rank zero writes), and the data module's
+        image processor, with the pixel bounds training used, for vision-language models."""
         assert self.model is not None, "configure_model() has not run"
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         return modeling.export_hf(
-            self.model, self.tokenizer, out_dir, merge_lora_weights=merge_lora, is_rank_zero=self.global_rank == 0
+            self.model, self.tokenizer, out_dir, merge_lora_weights=merge_lora, is_rank_zero=self.global_rank == 0,
+            image_processor=getattr(datamodule, "image_processor", None),
         )
 
     # -- statistics and loss -------------------------------------------------------------------

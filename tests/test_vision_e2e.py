@@ -107,8 +107,15 @@ def test_tiny_vl_trains_with_dft_through_the_cli(tmp_path):
     assert completion.token_ids
 
 
-def test_freeze_vision_keeps_the_vision_tower_unchanged(tmp_path):
-    fit(tmp_path, "--model.freeze_vision=true")
+def test_freeze_vision_keeps_the_vision_tower_unchanged_and_the_export_keeps_the_trained_pixel_bounds(tmp_path):
+    from transformers import AutoImageProcessor
+
+    from dft_lightning.tiny_vl import MAX_PIXELS, MIN_PIXELS
+
+    bound = MAX_PIXELS // 4
+    fit(tmp_path, "--model.freeze_vision=true", f"--data.init_args.max_pixels={bound}")
     assert all(math.isfinite(v) for v in series(read_metrics(tmp_path), "train/loss"))
     visual, language = changed_tensors(tmp_path)
     assert not any(visual) and all(language)
+    exported = AutoImageProcessor.from_pretrained(next(tmp_path.rglob("hf/final")))
+    assert (exported.size["longest_edge"], exported.size["shortest_edge"]) == (bound, MIN_PIXELS)
