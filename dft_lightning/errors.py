@@ -9,3 +9,7 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """Bad or missing training data."""
+
+
+class PretrainedError(UserError, FileNotFoundError):
+    """``model.pretrained`` names nothing that can be loaded (also a ``FileNotFoundError``)."""

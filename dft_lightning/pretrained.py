@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from dft_lightning.errors import PretrainedError
 from dft_lightning.paths import atomic_dir, cache_root
+
+FORMS = "give a hub id, a local HF directory, a .gguf file, pkg:<package>/<file>.gguf or tiny:qwen2"
 
 
 def package_file(spec: str) -> Path:
@@ -30,10 +33,11 @@ def package_file(spec: str) -> Path:
     package, _, rel = spec[len("pkg:") :].partition("/")
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"model.pretrained={spec!r}: Python package {package!r} is not installed")
+        raise PretrainedError(f"model.pretrained={spec!r}: Python package {package!r} is not installed; "
+                              f"pip install it, or {FORMS}")
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={spec!r}: {path} does not exist")
+        raise PretrainedError(f"model.pretrained={spec!r}: {path} does not exist; name a file the package ships")
     return path
 
 
@@ -71,23 +75,28 @@ def resolve_pretrained(spec: str) -> str:
 
         return str(tiny_vl_dir())
     if spec.startswith("tiny:"):
-        from dft_lightning.tiny import tiny_model_dir
+        from dft_lightning.tiny import TINY_CONFIGS, tiny_model_dir
 
-        return str(tiny_model_dir(spec[len("tiny:") :]))
+        arch = spec[len("tiny:") :]
+        if arch not in TINY_CONFIGS:
+            known = ", ".join(f"tiny:{name}" for name in [*sorted(TINY_CONFIGS), "qwen2_5_vl"])
+            raise PretrainedError(f"model.pretrained={spec!r}: no such tiny model; known: {known}")
+        return str(tiny_model_dir(arch))
     if spec.startswith("pkg:"):
         path = package_file(spec)
         return str(convert_gguf(path)) if path.suffix == ".gguf" else str(path)
     local = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not local.is_file():
-            raise FileNotFoundError(f"model.pretrained={spec!r}: GGUF file not found")
+            raise PretrainedError(f"model.pretrained={spec!r}: no such GGUF file; {FORMS}")
         return str(convert_gguf(local))
     if local.exists():
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model.pretrained={spec!r}: directory has no config.json")
+            raise PretrainedError(f"model.pretrained={spec!r}: directory has no config.json; give an HF model "
+                                  "directory (as save_pretrained writes it)")
         return str(local)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"model.pretrained={spec!r}: no such directory")
+        raise PretrainedError(f"model.pretrained={spec!r}: no such directory; {FORMS}")
     return spec  # a hub id
 
 
@@ -95,7 +104,13 @@ def load_tokenizer(spec: str):
     """Tokenizer for ``spec`` with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(spec))
+    path = resolve_pretrained(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # an unknown hub id, no network, a directory without tokenizer files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PretrainedError(f"model.pretrained={spec!r}: no tokenizer could be loaded ({reason}); check the "
+                              "name, and for a hub id the network (or HF_HUB_OFFLINE)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
