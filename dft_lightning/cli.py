@@ -5,8 +5,11 @@ in ``omegaconf+`` mode so ``${...}`` interpolation works across config files and
 command-line overrides (``--model.objective.class_path=dft_lightning.objectives.DFT``). The data's
 tokenizer is linked from ``model.pretrained``. The ``export`` group configures the HF-format export
 (``HFExport``). Loggers default to CSV plus Weights & Biases, offline when no W&B credentials are
-found (``WANDB_MODE`` always wins). Problems in the user's config or data end the run with a
-one-line ``error:`` message instead of a traceback.
+found (``WANDB_MODE`` always wins). The progress bar is Rich's on a terminal and otherwise
+``PlainProgressBar`` (one plain line every 10 steps, for batch logs; add it to ``trainer.callbacks``
+with ``every_n_steps`` to change that); a progress bar in ``trainer.callbacks`` replaces it and
+``trainer.enable_progress_bar: false`` turns it off. Problems in the user's config or data end the run
+with a one-line ``error:`` message instead of a traceback.
 
 ``python -m dft_lightning evaluate`` is dispatched to ``dft_lightning.evaluation.run``.
 
@@ -25,7 +28,7 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from dft_lightning.callbacks import HFExport
+from dft_lightning.callbacks import HFExport, PlainProgressBar
 from dft_lightning.data.module import ChatDataModule
 from dft_lightning.errors import UserError
 from dft_lightning.module import FineTuneModule
@@ -49,9 +52,9 @@ def _default_loggers() -> list[dict[str, Any]]:
 
 
 def _progress_bar() -> Any:
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
 
-    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=1)
+    return RichProgressBar() if sys.stdout.isatty() else PlainProgressBar()
 
 
 class DFTLightningCLI(LightningCLI):
@@ -60,6 +63,17 @@ class DFTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.pretrained", "data.init_args.tokenizer")
         parser.add_lightning_class_args(HFExport, "export")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with the default progress bar unless the config switches bars off or brings its own."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, _progress_bar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCLI:
@@ -79,7 +93,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCL
         trainer_defaults={
             "use_distributed_sampler": False,
             "logger": _default_loggers(),
-            "callbacks": [_progress_bar()],
             "log_every_n_steps": 1,
         },
         args=args,

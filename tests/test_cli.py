@@ -7,6 +7,8 @@ import textwrap
 import pytest
 import torch
 
+from dft_lightning.callbacks import PlainProgressBar
+from dft_lightning.cli import build_cli, main
 from tests.conftest import REPO, read_metrics, run_cli, series
 
 TINY = str(REPO / "conf" / "tiny.yaml")
@@ -172,3 +174,54 @@ def test_bad_data_files_give_one_clear_line(tmp_path):
     result = run_cli([*base, f"--data.init_args.train={empty}"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no usable rows: 2 read, all dropped (empty_response: 2" in result.stderr
+
+
+def in_process(tmp_path, *extra, run=True):
+    """``fit`` through ``build_cli`` in this process (``run=False``: only build it); returns the CLI."""
+    args = ["--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_train=16",
+            f"--data.init_args.data_dir={tmp_path / 'data'}", "--trainer.num_sanity_val_steps=0", *extra]
+    return build_cli(["fit", *args] if run else args, run=run)
+
+
+def step_lines(out):
+    return [line for line in out.splitlines() if line.startswith(("step ", "validation at step "))]
+
+
+def test_progress_bar_off_or_one_plain_line_per_n_steps_without_a_terminal(tmp_path, capsys):
+    cli = in_process(tmp_path, "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+                     "--trainer.limit_val_batches=0")
+    assert cli.trainer.global_step == 2 and cli.trainer.progress_bar_callback is None
+    assert step_lines(capsys.readouterr().out) == []
+
+    cli = in_process(tmp_path, "--trainer.max_steps=3", "--trainer.limit_val_batches=1")
+    assert isinstance(cli.trainer.progress_bar_callback, PlainProgressBar)
+    out = capsys.readouterr().out
+    lines = step_lines(out)
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/3", "3/3"]  # every 10: 1st, last
+    assert all(f" {name} " in lines[0] for name in ("loss", "lr", "tokens/s", "elapsed", "eta"))
+    assert "validation at step 2: val/loss" in out  # 2 steps per epoch: validated after the first
+    assert "\r" not in out
+
+    cli = in_process(tmp_path, "--trainer.callbacks+=dft_lightning.callbacks.PlainProgressBar",
+                     "--trainer.callbacks.every_n_steps=2", run=False)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, PlainProgressBar)]
+    assert len(bars) == 1 and bars[0].every_n_steps == 2  # a bar in the config replaces the default one
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "expected"),
+    [
+        ("/no/such/dir", "error: model.pretrained='/no/such/dir': no such directory; give a hub id, a local HF "
+                         "directory, a .gguf file, pkg:<package>/<file>.gguf or tiny:qwen2"),
+        ("tiny:nosuch", "error: model.pretrained='tiny:nosuch': no such tiny model; known: tiny:qwen2, "
+                        "tiny:qwen2_5_vl"),
+        ("someone/no-such-model", "error: model.pretrained='someone/no-such-model': no tokenizer could be loaded ("),
+    ],
+)
+def test_a_bad_pretrained_value_is_one_line(tmp_path, capsys, pretrained, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
+              f"--data.init_args.data_dir={tmp_path / 'data'}", f"--model.pretrained={pretrained}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(expected) and "Traceback" not in "\n".join(err)
