@@ -83,6 +83,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCL
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     if "WANDB_MODE" not in os.environ and not _wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
+    if not sys.stderr.isatty():  # batch logs: no carriage-return bars from transformers (loading, saving)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return DFTLightningCLI(
         FineTuneModule,
         ChatDataModule,

@@ -225,3 +225,12 @@ def test_a_bad_pretrained_value_is_one_line(tmp_path, capsys, pretrained, expect
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(expected) and "Traceback" not in "\n".join(err)
+
+
+def test_a_bad_learning_rate_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--model.lr=-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: model.lr=-1.0 must be a positive number (paper: 5e-5)"
+    assert not any("Traceback" in line for line in err)
