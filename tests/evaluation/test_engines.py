@@ -322,7 +322,10 @@ def test_vllm_protocol_order_seeds_kwargs_and_environment(fake_vllm, tiny_dir, m
     sampled = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=9, stop=["\n"], seed=100)
     greedy = SamplingParams(n=2, temperature=0, max_tokens=4)
     prompts = ["a b", [{"role": "user", "content": "hi"}], [7, 8, 9]]
-    out_sampled, out_greedy = engine.generate_many([(prompts, sampled), (prompts[:2], greedy)])
+    out_sampled, out_greedy, out_indexed = engine.generate_many(
+        [(prompts, sampled), (prompts[:2], greedy), (prompts[:2], sampled, [5, 2])])
+    # seeds follow the benchmark indices a request carries (a shard's problems keep the unsharded seeds)
+    assert [json.loads(s[0].text)["sampling"]["seed"] for s in out_indexed] == [100 + 3 * 5, 100 + 3 * 2]
     ids = encode_prompts(engine.tokenizer, prompts)
 
     assert [len(s) for s in out_sampled] == [3, 3, 3] and [len(s) for s in out_greedy] == [2, 2]
