@@ -49,6 +49,8 @@ class BenchmarkSpec:
             its problems are left out, counted in ``summary.json``).
         limit: first ``limit`` problems only.
         template: math prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
+        numeric_rule: math only: how numeric answers compare: ``exact`` (default) or ``qwen`` (the
+            Qwen2.5-Math harness's relative 1e-4 and percent variants, for comparison with published numbers).
         n: samples per problem for this benchmark (default: the sampling's ``n``).
         max_tokens: generation budget for this benchmark (default: the sampling's).
     """
@@ -62,6 +64,7 @@ class BenchmarkSpec:
     max_tokens: int | None = None
     languages: list[str] | None = None
     split: str | None = None
+    numeric_rule: Literal["exact", "qwen"] = "exact"
 
     @property
     def family(self) -> str:
@@ -131,7 +134,8 @@ def _load(spec: BenchmarkSpec):
     assert family == "math"
     if spec.source is None:
         raise UserError(f"benchmark {spec.name!r}: set its source (a local file or hub id)")
-    return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template)
+    return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template,
+                              numeric_rule=spec.numeric_rule)
 
 
 def _prompts(spec: BenchmarkSpec, bench) -> list:

@@ -6,6 +6,7 @@ The real files live outside the repository (``../shared/benchmarks``); those tes
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from dft_lightning.evaluation.benchmarks.math import (
     to_messages,
     to_prompt,
 )
-from dft_lightning.evaluation.graders.math import grade_math_batch, normalize_answer
+from dft_lightning.evaluation.graders.math import MathGrader, grade_math_batch, is_equivalent, normalize_answer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks"
 REAL_FILES = {
@@ -127,6 +128,19 @@ def test_benchmark_grades_nested_samples() -> None:
     assert bench.grade(bench.problems[0], "so 2") and len(bench.prompts()) == 2
 
 
+def test_numeric_rule_from_load_and_spec(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "P", "answer": "50", "unique_id": "u"}])
+    exact, qwen = MathBenchmark.load("math500", path), MathBenchmark.load("math500", path, numeric_rule="qwen")
+    assert exact.grader.numeric_rule == "exact" and not exact.grade(exact.problems[0], r"\boxed{0.5}")
+    assert qwen.grade(qwen.problems[0], r"\boxed{0.5}") and qwen.grade(qwen.problems[0], r"\boxed{5000}")
+    with pytest.raises(ValueError, match="not both"):
+        MathBenchmark.load("math500", path, numeric_rule="qwen", grader=MathGrader())
+    from dft_lightning.evaluation.run import BenchmarkSpec, _load
+
+    assert _load(BenchmarkSpec("demo", "math500", str(path))).grader.numeric_rule == "exact"
+    assert _load(BenchmarkSpec("demo", "math500", str(path), numeric_rule="qwen")).grader.numeric_rule == "qwen"
+
+
 # ------------------------------------------------------------------------------------- real benchmark files
 
 
@@ -179,10 +193,29 @@ def test_real_benchmark_rows_load(name: str) -> None:
 @pytest.mark.parametrize("name", list(REAL_FILES))
 def test_real_reference_answers_grade_correct(name: str, real_grades: dict) -> None:
     n, own, _ = real_grades[name]
-    assert sum(own) >= 0.99 * n, f"{name}: only {sum(own)}/{n} own answers graded correct"
+    assert sum(own) == n, f"{name}: only {sum(own)}/{n} own answers graded correct"
 
 
 @pytest.mark.parametrize("name", list(REAL_FILES))
 def test_real_other_rows_answers_grade_wrong(name: str, real_grades: dict) -> None:
     n, _, wrong = real_grades[name]
     assert sum(wrong) <= 0.02 * n, f"{name}: {sum(wrong)}/{n} borrowed answers graded correct"
+
+
+@pytest.mark.parametrize("name", list(REAL_FILES))
+def test_real_numeric_answers_under_both_rules(name: str) -> None:
+    """Integer golds: the next integer is wrong under the exact rule, and under the Qwen2.5-Math rule only
+    where it is within relative 1e-4. Scientific-notation golds (``1.5e-3``) equal their LaTeX form."""
+    if not SHARED.is_dir():
+        pytest.skip(f"real benchmark files not found at {SHARED.resolve()}")
+    golds = [p["answer"] for p in load_math_benchmark(name, SHARED / REAL_FILES[name][0])]
+    integers = [g for g in golds if g.isdigit()]
+    for gold in integers:
+        neighbour = str(int(gold) + 1)
+        assert is_equivalent(gold, gold, numeric_rule="qwen") and not is_equivalent(neighbour, gold), gold
+        assert is_equivalent(neighbour, gold, numeric_rule="qwen") is (1 <= 1e-4 * (int(gold) + 1)), gold
+    scientific = [m for g in golds if (m := re.fullmatch(r"(-?\d+(?:\.\d+)?)e(-?\d+)", g))]
+    for m in scientific:
+        latex = rf"{m.group(1)} \times 10^{{{m.group(2)}}}"
+        assert is_equivalent(latex, m.group(0)) and is_equivalent(latex, m.group(0), numeric_rule="qwen"), latex
+    assert integers or scientific or name == "olympiadbench"

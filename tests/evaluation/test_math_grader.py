@@ -126,6 +126,70 @@ def test_not_equivalent(prediction: str, reference: str) -> None:
     assert not is_equivalent(prediction, reference)
 
 
+@pytest.mark.parametrize(
+    ("prediction", "reference", "exact", "qwen"),
+    [
+        # integers are exact under the default rule; the Qwen2.5-Math rule has relative 1e-4 for all numbers
+        ("1234568", "1234567", False, True),
+        ("1234567", "1234567.0", True, True),
+        ("26.9999", "27", False, True),
+        ("1235", "1234", False, False),
+        # a long exact decimal: a wrong last digit is wrong; a longer answer rounding to the gold is right
+        ("3.14159266", "3.14159265", False, True),
+        ("3.14159265358", "3.14159265", True, True),
+        ("3.1416", "3.14159265", False, True),
+        ("1.25", "1.2", False, False),
+        ("1.24", "1.2", True, False),
+        # scientific notation golds against LaTeX powers of ten
+        (r"1.5 \times 10^{-3}", "1.5e-3", True, True),
+        (r"3\times10^{8}", "3e8", True, True),
+        (r"10^{8}", "1e8", True, True),
+        (r"10^{8}", "3e8", False, False),
+        (r"-2.75 \cdot 10^{11}", "-2.75e11", True, True),
+        ("0.0015", "1.5e-3", True, True),
+        (r"2.998 \times 10^{8}", "3e8", True, False),
+        (r"1.6 \times 10^{-3}", "1.5e-3", False, False),
+        (r"1.5 \times 10^{3}", "1.5e-3", False, False),
+        # code-style golds against their LaTeX and numeric forms
+        (r"\frac{1}{4}", "1./4", True, True),
+        ("0.25", "1./4", True, True),
+        (r"-\frac{1}{3}", "-1./3", True, True),
+        (r"-\frac{3}{2}", "-3./2", True, True),
+        (r"\frac{\sqrt{2}}{2}", "np.sqrt(2)/2", True, True),
+        (r"\frac{\pi}{2}", "math.pi/2", True, True),
+        (r"\arcsin\left(\frac{10}{13}\right)", "np.arcsin(10/13)", True, True),
+        (r"e^{2}", "np.exp(2)", True, True),
+        ("x^{3}+1", "x**3 + 1", True, True),
+        (r"\frac{1}{3}", "1./4", False, False),
+        (r"\sqrt{3}/2", "np.sqrt(2)/2", False, False),
+        # decimals for fractions need six significant digits; percent variants only under the qwen rule
+        ("0.333333", r"\frac13", True, True),
+        ("0.3333", r"\frac13", False, True),
+        ("0.5", "50", False, True),
+        ("5000", "50", False, True),
+        ("500", "50", False, False),
+    ],
+)
+def test_numeric_rules(prediction: str, reference: str, exact: bool, qwen: bool) -> None:
+    assert is_equivalent(prediction, reference) is exact
+    assert is_equivalent(prediction, reference, numeric_rule="exact") is exact
+    assert is_equivalent(prediction, reference, numeric_rule="qwen") is qwen
+
+
+def test_code_style_golds_are_rewritten_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    reference = f"np.sqrt(open({str(marker)!r}, 'w').close())"
+    assert not is_equivalent("1", reference) and not is_equivalent("1", f"__import__('os').remove({str(marker)!r})")
+    assert not marker.exists()
+
+
+def test_unknown_numeric_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="numeric_rule"):
+        is_equivalent("1", "1", numeric_rule="loose")
+    with pytest.raises(ValueError, match="numeric_rule"):
+        MathGrader(numeric_rule="loose")
+
+
 def test_normalize_answer_is_cheap_and_canonical() -> None:
     assert normalize_answer(r" $\left(1, \dfrac{1}{2}\right)$. ") == r"(1,\frac{1}{2})"
     assert normalize_answer(r"\text{Devon}") == "Devon"
@@ -223,3 +287,12 @@ def test_math_grader_contract() -> None:
         grader.grade({"id": "p2", "question": "?"}, "1")
     with pytest.raises(ValueError, match="completions"):
         grader.grade_batch([problem], [])
+
+
+def test_math_grader_numeric_rule_reaches_the_pool() -> None:
+    problem = {"id": "p", "question": "?", "answer": "1234567"}
+    completions = [r"\boxed{1234568}", r"\boxed{1234567}"]
+    qwen = MathGrader(workers=1, timeout_s=10.0, numeric_rule="qwen")
+    assert qwen.grade(problem, completions[0]) and not MathGrader().grade(problem, completions[0])
+    results, stats = qwen.grade_batch([problem, problem], completions)
+    assert results == [True, True] and stats.errors == 0

@@ -17,6 +17,9 @@ Prompt templates are chosen by name (``PROMPT_TEMPLATES``): ``qwen-boxed``, ``qw
 ``plain``. ``to_messages`` gives chat messages; ``to_prompt`` gives the raw string (through a tokenizer's
 chat template when one is passed). Not handled: few-shot prompts, OlympiadBench's ``context`` images or
 physics subsets, and answer units (the grader strips trailing ``\\text{}`` units, it does not convert them).
+
+``MathBenchmark.load(..., numeric_rule="qwen")`` grades numbers by the Qwen2.5-Math harness's rule instead
+of the exact default (see ``graders.math`` and docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
-from dft_lightning.evaluation.graders.math import MathGrader, extract_boxed
+from dft_lightning.evaluation.graders.math import MathGrader, NumericRule, extract_boxed
 
 __all__ = [
     "BENCHMARKS",
@@ -257,8 +260,15 @@ class MathBenchmark(GradedBenchmark):
     grader: MathGrader = field(default_factory=MathGrader)
 
     @classmethod
-    def load(cls, benchmark: str, source: str | Path, **kwargs: Any) -> MathBenchmark:
+    def load(
+        cls, benchmark: str, source: str | Path, numeric_rule: NumericRule | None = None, **kwargs: Any
+    ) -> MathBenchmark:
+        """Problems from ``source``; ``numeric_rule`` (``"exact"``/``"qwen"``) builds the default grader with it."""
         load_args = {k: kwargs.pop(k) for k in ("split", "subset", "limit") if k in kwargs}
+        if numeric_rule is not None:
+            if "grader" in kwargs:
+                raise ValueError("pass numeric_rule or grader, not both (set it on the grader)")
+            kwargs["grader"] = MathGrader(numeric_rule=numeric_rule)
         return cls(benchmark, load_math_benchmark(benchmark, source, **load_args), **kwargs)
 
     def prompts(self, apply_chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> list[str]:
@@ -266,4 +276,3 @@ class MathBenchmark(GradedBenchmark):
 
     def messages(self) -> list[list[dict[str, str]]]:
         return [to_messages(p, self.template) for p in self.problems]
-

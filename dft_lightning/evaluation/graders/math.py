@@ -5,11 +5,31 @@ What it does:
 * ``extract_answer`` takes the last ``\\boxed{...}`` (also ``\\fbox``/``\\framebox`` and the brace-less
   ``\\boxed 5``) with balanced braces; without a box it falls back to "the answer is X" /
   "final answer is X" / "Answer: X", then to the last number in the text; ``None`` when nothing is found.
-* ``is_equivalent`` first normalises both strings cheaply (spaces, ``\\left``/``\\right``, thin spaces,
-  degrees, trailing ``\\text{}`` units, dollar signs, ``dfrac``, thousands separators, ...) and compares
-  them as strings and, when both are plain numbers, numerically (relative tolerance 1e-6, so
-  ``27.0 == 27`` and ``0.5 == \\frac12``). Otherwise it asks ``math_verify`` (sympy) with its signal-based
-  timeouts switched off, because those only work in a process's main thread.
+* ``is_equivalent`` first rewrites code-style answers as LaTeX (``1./4`` -> ``1/4``, ``np.sqrt(2)/2`` ->
+  ``\\sqrt{2}/2``, ``math.pi``, ``x**2``; text rewriting only, nothing is evaluated), normalises both
+  strings cheaply (spaces, ``\\left``/``\\right``, thin spaces, degrees, trailing ``\\text{}`` units,
+  dollar signs, ``dfrac``, thousands separators, ...) and compares them as strings. When both are plain
+  numbers (integers, decimals, ``1.5e-3``, ``1.5\\times10^{-3}``, ``10^{8}``, ``a/b``, ``\\frac{a}{b}``),
+  the numeric rule decides, in exact rational arithmetic, and its answer is final. Otherwise it asks
+  ``math_verify`` (sympy) with its signal-based timeouts switched off, because those only work in a
+  process's main thread.
+* The numeric rule, ``numeric_rule="exact"`` (default): equal values are equal (``27.0 == 27``,
+  ``0.5 == \\frac12``, ``1.5e-3 == 0.0015``), and apart from that
+
+  - integers and fractions are exact: ``1234568`` is not ``1234567``, and an integer or fraction answer
+    must equal a decimal gold exactly (``\\frac13`` is not ``0.33``);
+  - a decimal answer to a decimal gold is right when it is less than half a unit of the gold's last
+    written digit away, i.e. it rounds to the gold at the gold's written places (``3.14159265358`` for
+    ``3.14159265``, ``2.998\\times10^{8}`` for ``3e8``), so a wrong last digit (``3.14159266``) is wrong;
+  - a decimal answer to a gold fraction that no decimal writes exactly (``\\frac13``) needs at least six
+    significant digits and to be within one unit of its own last digit (``0.333333`` yes, ``0.3333`` no).
+
+  ``numeric_rule="qwen"`` is the numeric rule of the Qwen2.5-Math evaluation harness, which produced the
+  DFT paper's numbers: a relative tolerance of 1e-4 for every number, integers included, against the gold
+  and its percent variants gold/100 and gold*100 (``0.5`` and ``5000`` for ``50``; ``1234568`` for
+  ``1234567``; but not ``2.998\\times10^{8}`` for ``3e8``). Use it to compare with published numbers; only
+  the comparison of two plain numbers differs, everything else is shared (a number against a symbolic
+  form, ``3.1416`` against ``\\pi``, is math_verify's call under both rules).
 * ``grade_math_batch`` / ``MathGrader.grade_batch`` run grading in worker *processes* with a per-item
   wall-clock limit: a worker that overruns is killed and replaced, the item counts as incorrect and is
   counted in ``GradingStats.timeouts``. This module never imports torch.
@@ -31,13 +51,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from multiprocessing.connection import Connection, wait
+from typing import Literal
 
 from math_verify import parse, verify
 
 __all__ = [
+    "NUMERIC_RULES",
     "GradingStats",
     "MathGrader",
+    "NumericRule",
     "extract_answer",
     "extract_boxed",
     "grade_math",
@@ -174,26 +198,161 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-_SCI_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(?:\\times|\\cdot|\*)10\^\{?(-?\d+)\}?$")
-_FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}$")
-_SLASH_RE = re.compile(r"^(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)$")
+# ------------------------------------------------------------------------------------------- code-style golds
+
+_CODE_PREFIX_RE = re.compile(r"\b(?:np|numpy|math|cmath|sympy|sp|scipy)\.(?=[A-Za-z_])")
+_CODE_HINT_RE = re.compile(r"\b(?:np|numpy|math|cmath|sympy|sp|scipy)\.[A-Za-z_]|\*\*|\d\.(?![\d.])")
+_CODE_CALL_RE = re.compile(r"\b([A-Za-z_]\w*)\(")
+_CODE_OPERAND_RE = re.compile(r"[+-]?(?:\\[A-Za-z]+(?:\{[^{}]*\})?|[\w.]+)")
+_CODE_FUNCS = {  # function -> (LaTeX opening, closing); anything else stays as written
+    "sqrt": ("\\sqrt{", "}"),
+    "exp": ("e^{", "}"),
+    "log": ("\\ln(", ")"),
+    "ln": ("\\ln(", ")"),
+    "log10": ("\\log_{10}(", ")"),
+    "log2": ("\\log_{2}(", ")"),
+    "abs": ("|", "|"),
+    "fabs": ("|", "|"),
+    **{name: (f"\\{name}(", ")") for name in ("sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh")},
+    **{f"a{name}": (f"\\arc{name}(", ")") for name in ("sin", "cos", "tan")},
+}
+_CODE_NAMES_RE = re.compile(r"\b(pi|inf)\b")
+_CODE_MAX_CHARS = 300  # an answer, not a program: longer text is left alone
 
 
-def _as_number(s: str) -> float | None:
-    """``s`` (already normalised) as a float when it is a plain number, fraction or scientific form."""
-    if "_" not in s:  # float() reads "1011_2" (a base-2 answer) as 10112
-        try:
-            return float(s)  # also "4.5e33", "025"
-        except ValueError:
-            pass
-    if m := _SCI_RE.match(s):
-        return float(m.group(1)) * 10.0 ** int(m.group(2))
-    if (m := _FRAC_RE.match(s)) and float(m.group(3)) != 0:
-        value = float(m.group(2)) / float(m.group(3))
-        return -value if m.group(1) else value
-    if (m := _SLASH_RE.match(s)) and float(m.group(2)) != 0:
-        return float(m.group(1)) / float(m.group(2))
+def _closing_paren(text: str, start: int) -> int | None:
+    """Index of the ``)`` closing the ``(`` at ``text[start]``; None when it never closes."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
     return None
+
+
+def _code_to_latex(text: str) -> str:
+    """A Python-style expression (``1./4``, ``np.sqrt(2)/2``, ``math.pi/2``, ``x**2``) rewritten as LaTeX.
+
+    Only text: nothing is evaluated. Strings with a backslash or a brace (LaTeX already) or without a hint
+    of code (a module prefix, ``**``, a number ending in ``.``) come back unchanged.
+    """
+    if "\\" in text or "{" in text or len(text) > _CODE_MAX_CHARS or not _CODE_HINT_RE.search(text):
+        return text
+    return _translate_code(_CODE_PREFIX_RE.sub("", text))
+
+
+def _translate_code(text: str) -> str:
+    out, pos = [], 0
+    while (call := _CODE_CALL_RE.search(text, pos)) is not None:
+        close = _closing_paren(text, call.end() - 1)
+        if close is None:
+            break
+        name, inner = call.group(1), _translate_code(text[call.end() : close])
+        opening, closing = _CODE_FUNCS.get(name, (f"{name}(", ")"))
+        out += [text[pos : call.start()], opening, inner, closing]
+        pos = close + 1
+    text = "".join(out) + text[pos:]
+    text = re.sub(r"(\d)\.(?![\d.])", r"\1", text)  # "1./4" -> "1/4"
+    text = _CODE_NAMES_RE.sub(lambda m: "\\pi" if m.group(1) == "pi" else "\\infty", text)
+    while (power := text.find("**")) >= 0:  # "x**(1/2)" -> "x^{1/2}", "2**-3" -> "2^{-3}"
+        rest = power + 2
+        if text.startswith("(", rest) and (close := _closing_paren(text, rest)) is not None:
+            text = f"{text[:power]}^{{{text[rest + 1 : close]}}}{text[close + 1 :]}"
+        elif operand := _CODE_OPERAND_RE.match(text, rest):
+            text = f"{text[:power]}^{{{operand.group(0)}}}{text[operand.end() :]}"
+        else:
+            text = text[:power] + "^" + text[rest:]
+    return text
+
+
+# -------------------------------------------------------------------------------------------------- numbers
+
+NUMERIC_RULES = ("exact", "qwen")
+NumericRule = Literal["exact", "qwen"]
+
+_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+_PLAIN_RE = re.compile(r"^([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$")
+_SCI_RE = re.compile(r"^(?:(" + _NUM + r")(?:\\times|\\cdot|\*)|([+-]?))10\^(?:\{([+-]?\d+)\}|(\d))$")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac\{(" + _NUM + r")\}\{(" + _NUM + r")\}$")
+_SLASH_RE = re.compile(r"^(" + _NUM + r")/(" + _NUM + r")$")
+_MAX_EXPONENT = 1000  # larger powers of ten (and longer digit strings) go to sympy, not into a rational
+_MAX_DIGITS = 1000
+_QWEN_REL_TOL = Fraction(1, 10_000)
+_MIN_DIGITS_FOR_EXACT = 6  # significant digits a decimal needs to stand for a non-terminating fraction
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A number as written: its exact value, and for decimals the precision the writing claims.
+
+    ``places`` is the number of decimal places (``3.14`` -> 2, ``1.5e-3`` -> 4, ``3e8`` -> -8) and
+    ``digits`` the significant digits written; both None for exact forms (integers and fractions).
+    """
+
+    value: Fraction
+    places: int | None = None
+    digits: int | None = None
+
+
+def _decimal(sign: str, whole: str, fraction: str | None, exponent: int = 0) -> _Number | None:
+    """``[sign]whole[.fraction]e<exponent>`` as a number; None for no digits or absurd sizes."""
+    written = whole + (fraction or "")
+    if not written or len(written) > _MAX_DIGITS or abs(exponent) > _MAX_EXPONENT:
+        return None
+    value = Fraction(int(written), 10 ** len(fraction or "")) * Fraction(10) ** exponent
+    value = -value if sign == "-" else value
+    if fraction is None and exponent == 0:
+        return _Number(value)  # an integer
+    return _Number(value, len(fraction or "") - exponent, len(written.lstrip("0")) or 1)
+
+
+def _rational(text: str) -> Fraction | None:
+    """A numerator or denominator (an integer or a decimal) as an exact value."""
+    m = _PLAIN_RE.match(text)
+    number = _decimal(*m.groups()[:3]) if m else None
+    return number.value if number else None
+
+
+def _as_number(s: str) -> _Number | None:
+    """``s`` (already normalised) as a number when it is a plain number, fraction or scientific form."""
+    if m := _PLAIN_RE.match(s):
+        sign, whole, fraction, exponent = m.groups()
+        return _decimal(sign, whole, fraction, int(exponent or 0))
+    if m := _SCI_RE.match(s):
+        mantissa, sign, exponent = m.group(1), m.group(2), int(m.group(3) or m.group(4))
+        if abs(exponent) > _MAX_EXPONENT:
+            return None
+        if mantissa is None:  # "10^{8}": the power itself, exact
+            return _Number(Fraction(-1 if sign == "-" else 1) * Fraction(10) ** exponent)
+        ms, mw, mf, _ = _PLAIN_RE.match(mantissa).groups()
+        return _decimal(ms, mw, mf, exponent)
+    if m := _FRAC_RE.match(s):
+        sign, numerator, denominator = m.group(1), _rational(m.group(2)), _rational(m.group(3))
+    elif m := _SLASH_RE.match(s):
+        sign, numerator, denominator = "", _rational(m.group(1)), _rational(m.group(2))
+    else:
+        return None
+    if numerator is None or not denominator:
+        return None
+    value = numerator / denominator
+    return _Number(-value if sign == "-" else value)
+
+
+def _numbers_equal(pred: _Number, gold: _Number, rule: str) -> bool:
+    """The numeric rule (see the module docstring): ``exact`` by default, ``qwen`` for the Qwen2.5-Math one."""
+    p, g = pred.value, gold.value
+    if rule == "qwen":  # math.isclose(p, x, rel_tol=1e-4) for x in (g / 100, g, g * 100), in exact arithmetic
+        return any(abs(p - x) <= _QWEN_REL_TOL * max(abs(p), abs(x)) for x in (g / 100, g, g * 100))
+    if p == g:
+        return True
+    if pred.places is None:  # an integer or fraction answer is exact: it must equal the gold
+        return False
+    if gold.places is not None:  # two decimals: the answer rounds to the gold at the gold's written places
+        return 2 * abs(p - g) < Fraction(10) ** -gold.places
+    if g.denominator == 1:  # integers compare exactly
+        return False
+    # a decimal for a non-terminating fraction (0.333333 for 1/3): within one unit of its last digit
+    return pred.digits >= _MIN_DIGITS_FOR_EXACT and abs(p - g) < Fraction(10) ** -pred.places
 
 
 @functools.lru_cache(maxsize=8192)
@@ -207,8 +366,15 @@ def _strip_lhs(s: str) -> str:
     return s.split("=", 1)[1] if s.count("=") == 1 and _LHS_RE.match(s) else s
 
 
-def is_equivalent(prediction: str, reference: str) -> bool:
-    """Whether an extracted answer equals the reference answer."""
+def is_equivalent(prediction: str, reference: str, numeric_rule: NumericRule = "exact") -> bool:
+    """Whether an extracted answer equals the reference answer.
+
+    ``numeric_rule`` decides how two plain numbers compare: ``"exact"`` (default) or ``"qwen"``, the
+    Qwen2.5-Math harness's rule (relative 1e-4 and percent variants); see the module docstring.
+    """
+    if numeric_rule not in NUMERIC_RULES:
+        raise ValueError(f"unknown numeric_rule {numeric_rule!r}; known: {', '.join(NUMERIC_RULES)}")
+    prediction, reference = _code_to_latex(prediction.strip()), _code_to_latex(reference.strip())
     pred, ref = normalize_answer(prediction), normalize_answer(reference)
     if not pred or not ref:
         return False
@@ -219,9 +385,9 @@ def is_equivalent(prediction: str, reference: str) -> bool:
         if pred == ref:
             return True
     pred_num, ref_num = _as_number(pred), _as_number(ref)
-    if pred_num is not None and ref_num is not None:
-        return math.isclose(pred_num, ref_num, rel_tol=1e-6, abs_tol=1e-9)
-    gold, target = _parse_cached(reference.strip().strip("$")), _parse_cached(prediction.strip().strip("$"))
+    if pred_num is not None and ref_num is not None:  # final: sympy would round both to 6 decimal places
+        return _numbers_equal(pred_num, ref_num, numeric_rule)
+    gold, target = _parse_cached(reference.strip("$")), _parse_cached(prediction.strip("$"))
     if not gold or not target:
         return False
     try:
@@ -230,10 +396,10 @@ def is_equivalent(prediction: str, reference: str) -> bool:
         return False
 
 
-def grade_math(completion: str, reference: str) -> bool:
+def grade_math(completion: str, reference: str, numeric_rule: NumericRule = "exact") -> bool:
     """Whether ``completion``'s final answer equals ``reference`` (in-process, no time limit)."""
     answer = extract_answer(completion)
-    return answer is not None and is_equivalent(answer, reference)
+    return answer is not None and is_equivalent(answer, reference, numeric_rule)
 
 
 # ------------------------------------------------------------------------------------------- process pool
@@ -394,7 +560,11 @@ def _replace(pool: list[_Worker], worker: _Worker) -> None:
 
 
 class MathGrader:
-    """The math benchmark grader: ``grade(problem, completion)`` with the reference in ``problem["answer"]``."""
+    """The math benchmark grader: ``grade(problem, completion)`` with the reference in ``problem["answer"]``.
+
+    ``numeric_rule`` (``"exact"`` or ``"qwen"``, see the module docstring) travels to the pool's workers
+    inside the grading function.
+    """
 
     def __init__(
         self,
@@ -402,11 +572,16 @@ class MathGrader:
         timeout_s: float = 5.0,
         answer_key: str = "answer",
         memory_limit_mb: int | None = None,
+        numeric_rule: NumericRule = "exact",
     ) -> None:
+        if numeric_rule not in NUMERIC_RULES:
+            raise ValueError(f"unknown numeric_rule {numeric_rule!r}; known: {', '.join(NUMERIC_RULES)}")
         self.workers = workers
         self.timeout_s = timeout_s
         self.answer_key = answer_key
         self.memory_limit_mb = memory_limit_mb
+        self.numeric_rule = numeric_rule
+        self.grade_fn = functools.partial(grade_math, numeric_rule=numeric_rule)  # picklable, for spawn
 
     def reference(self, problem: Mapping[str, object]) -> str:
         if self.answer_key not in problem:
@@ -415,7 +590,7 @@ class MathGrader:
 
     def grade(self, problem: Mapping[str, object], completion: str) -> bool:
         """One completion, in this process (no time limit)."""
-        return grade_math(completion, self.reference(problem))
+        return self.grade_fn(completion, self.reference(problem))
 
     def grade_batch(
         self, problems: Sequence[Mapping[str, object]], completions: Sequence[str]
@@ -425,5 +600,9 @@ class MathGrader:
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         pairs = [(c, self.reference(p)) for p, c in zip(problems, completions, strict=True)]
         return grade_math_batch(
-            pairs, workers=self.workers, timeout_s=self.timeout_s, memory_limit_mb=self.memory_limit_mb
+            pairs,
+            workers=self.workers,
+            timeout_s=self.timeout_s,
+            grade_fn=self.grade_fn,
+            memory_limit_mb=self.memory_limit_mb,
         )
