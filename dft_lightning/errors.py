@@ -13,3 +13,7 @@ class DataError(UserError):
 
 class PretrainedError(UserError, FileNotFoundError):
     """``model.pretrained`` names nothing that can be loaded (also a ``FileNotFoundError``)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or package the config names is not there (also a ``FileNotFoundError``)."""

@@ -23,6 +23,7 @@ def fit(tmp_path, *extra, check=True):
     return result
 
 
+@pytest.mark.slow
 def test_fit_learns_exports_and_reloads(tmp_path, tiny_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -55,6 +56,7 @@ def test_fit_learns_exports_and_reloads(tmp_path, tiny_dir):
         torch.testing.assert_close(model(input_ids=ids).logits, module.model.lm(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
@@ -74,6 +76,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.parametrize("objective", ["SFT", "DFT", "IWSFT"])
+@pytest.mark.slow
 def test_objective_switch_by_class_path_only(tmp_path, objective):
     fit(tmp_path, "--trainer.max_steps=2", f"--model.objective.class_path=dft_lightning.objectives.{objective}")
     rows = read_metrics(tmp_path)
@@ -89,6 +92,7 @@ def test_objective_switch_by_class_path_only(tmp_path, objective):
         assert loss[0] == pytest.approx(nll[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_user_objective_outside_the_package(tmp_path):
     (tmp_path / "my_objectives.py").write_text(textwrap.dedent("""
         import torch
@@ -114,6 +118,7 @@ def test_user_objective_outside_the_package(tmp_path):
     assert len(entropy) == 2 and 5.0 < entropy[0] < 6.3  # near log(512) for a random tiny model
 
 
+@pytest.mark.slow
 def test_validate_test_and_print_config(tmp_path):
     for command in ("validate", "test"):
         result = run_cli([command, "--config", TINY, f"--trainer.default_root_dir={tmp_path / command}",

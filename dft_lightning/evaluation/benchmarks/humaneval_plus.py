@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dft_lightning.errors import MissingFileError
 from dft_lightning.evaluation.benchmarks.code import HUMANEVAL_FIELDS, HumanEvalBenchmark, load_humaneval
 from dft_lightning.evaluation.graders.code import (
     CodeGrade,
@@ -98,7 +99,7 @@ def load_humaneval_plus(
     if path.is_file():
         return [_plus_fields(row, f"{path}: {row['task_id']}") for row in load_humaneval(path, limit=limit)]
     if str(source).endswith((".jsonl", ".gz", ".json")) or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"HumanEval+ file not found: {path}")
+        raise MissingFileError(f"HumanEval+ file not found: {path}")
     import datasets  # lazily: only hub sources need it
 
     problems: list[dict[str, Any]] = []

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.errors import MissingFileError
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.graders.math import MathGrader, NumericRule, extract_boxed
 
@@ -151,7 +152,7 @@ def load_rows(source: str | Path, split: str = "test", name: str | None = None) 
             data = lists[0]
         return list(data), str(path)
     if path.suffix in (".json", ".jsonl") or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"benchmark file not found: {path}")
+        raise MissingFileError(f"benchmark file not found: {path}")
     import datasets  # lazily: only hub sources need it
 
     dataset = datasets.load_dataset(str(source), name, split=split)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.errors import MissingFileError
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.benchmarks.math import load_rows
 from dft_lightning.evaluation.graders.choice import ChoiceGrader, normalize_choice, option_letters
@@ -213,7 +214,7 @@ def _read_local(path: Path, split: str) -> tuple[list[dict], str]:
         files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
         chosen = [p for p in files if re.match(rf"^{re.escape(split)}(?:[-_.]|$)", p.name)] or files
         if not chosen:
-            raise FileNotFoundError(f"{path}: no .parquet/.jsonl/.json files")
+            raise MissingFileError(f"{path}: no .parquet/.jsonl/.json files")
         rows: list[dict] = []
         for file in chosen:
             rows.extend(_read_local(file, split)[0])
@@ -308,7 +309,7 @@ def load_multimodal_benchmark(
         root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
     else:
         if str(source).endswith((".json", ".jsonl", ".parquet")) or str(source).startswith((".", "/", "~")):
-            raise FileNotFoundError(f"benchmark file not found: {path}")
+            raise MissingFileError(f"benchmark file not found: {path}")
         rows, _ = load_rows(str(source), split=split, name=subset or schema.subset)
         root = Path(image_root) if image_root is not None else None
     if limit is not None:
