@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from dft_lightning import attention
 from dft_lightning.batch import MicroBatch
 from dft_lightning.pretrained import resolve_pretrained
-from dft_lightning.tokens import token_statistics
+from dft_lightning.tokens import chunked_statistics
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
@@ -76,7 +77,7 @@ def hf_model(lm: nn.Module) -> nn.Module:
 class CausalLMWithTokenStats(nn.Module):
     """A causal LM whose forward returns per-token statistics instead of logits.
 
-    Runs the decoder, then ``token_statistics`` on the shifted hidden states with the output
+    Runs the decoder, then ``chunked_statistics`` on the shifted hidden states with the output
     projection's weight. Being one module, it is also the FSDP2 root: the embedding, final norm and
     output projection are gathered for the whole forward, head included.
     """
@@ -108,8 +109,9 @@ class CausalLMWithTokenStats(nn.Module):
             raise NotImplementedError(f"output projection of type {type(head).__name__} is not supported")
         return head
 
-    def forward(self, mb: MicroBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Per-token statistics of ``mb`` (``logp`` and, with ``entropy``, the entropy), ``[rows, time - 1]``.
+    def forward(self, mb: MicroBatch, requested: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Tensor]:
+        """Per-token statistics of ``mb``, ``[rows, time - 1]`` each: ``logp`` and the ``requested`` ones
+        (name -> options, see ``dft_lightning.tokens.STATISTICS``).
 
         Attention stays inside each record of packed rows on every backend
         (``attention.decoder_inputs``).
@@ -119,9 +121,9 @@ class CausalLMWithTokenStats(nn.Module):
         out = self.decoder()(**inputs, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         head = self.head()
-        return token_statistics(
-            hidden, head.weight, mb.labels[:, 1:], bias=head.bias, entropy=entropy,
-            chunk_size=self.chunk_size, softcap=self.softcap,
+        return chunked_statistics(
+            hidden, head.weight, mb.labels[:, 1:], requested, bias=head.bias, chunk_size=self.chunk_size,
+            softcap=self.softcap,
         )
 
 

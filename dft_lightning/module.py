@@ -39,9 +39,11 @@ from torchmetrics import MeanMetric
 from dft_lightning import modeling
 from dft_lightning.batch import MicroBatch
 from dft_lightning.errors import UserError
-from dft_lightning.objectives import KNOWN_REQUIREMENTS, SFT, Objective, TokenStats, build_objective, objective_spec
+from dft_lightning.objectives import SFT, Objective, TokenStats, build_objective, objective_spec
+from dft_lightning.objectives.base import known_requirements
 from dft_lightning.pretrained import load_tokenizer
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
+from dft_lightning.tokens import STATISTICS
 
 MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
 CHECKPOINT_KEY = "dft_lightning"
@@ -132,11 +134,18 @@ class FineTuneModule(L.LightningModule):
             if hp.lora:
                 modeling.hf_model(lm).enable_input_require_grads()
         self.model = modeling.CausalLMWithTokenStats(lm, hp.chunk_size).train()
+        self._setup_objective()
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
             modeling.shard_fsdp2(self.model, data_parallel_mesh(mesh), self._fsdp_param_dtype())
         if reference_lm is not None:
             self._set_reference(reference_lm)
+
+    def _setup_objective(self) -> None:
+        """Hand the tokenizer to an objective that wants it (``Objective.setup``; loaded only then)."""
+        setup = getattr(type(self.objective), "setup", None)
+        if setup is not None and setup is not Objective.setup:
+            self.objective.setup(self.tokenizer)
 
     def _needs_reference_model(self) -> bool:
         """A separate reference model is needed (with LoRA the base model is the policy with adapters off)."""
@@ -174,19 +183,21 @@ class FineTuneModule(L.LightningModule):
     def token_stats(self, mb: MicroBatch, num_tokens: Tensor) -> TokenStats:
         assert self.model is not None
         requires = self.objective.requires
-        logp, entropy = self.model(mb, entropy="entropy" in requires)
+        options = getattr(self.objective, "statistic_options", None) or {}
+        out = self.model(mb, {name: options.get(name, {}) for name in requires if name in STATISTICS})
         ref_logp = None
         if "reference" in requires:
             with torch.no_grad():
                 if self._reference is not None:
                     self._reference.to(self.device)
-                    ref_logp, _ = self._reference(mb)
+                    ref_logp = self._reference(mb)["logp"]
                 else:  # LoRA: the base model is the policy with adapters off
                     with modeling.adapter_disabled(self.model.lm):
-                        ref_logp, _ = self.model(mb)
+                        ref_logp = self.model(mb)["logp"]
+        logp, entropy = out.pop("logp"), out.pop("entropy", None)
         return TokenStats(
             logp=logp, mask=mb.target_mask, sequence=mb.sequence_ids[:, 1:], num_tokens=num_tokens,
-            ref_logp=ref_logp, entropy=entropy,
+            ref_logp=ref_logp, entropy=entropy, targets=mb.labels[:, 1:], extra=out,
         )
 
     def _sync_context(self, last: bool):
@@ -339,6 +350,7 @@ class FineTuneModule(L.LightningModule):
             return
         self.objective = build_objective(saved)
         _check_requirements(self.objective)
+        self._setup_objective()
         self._objective_named = True
         rank_zero_info(f"[dft_lightning] objective {_describe(saved)} restored from the checkpoint")
         if self.model is not None and self._reference is None and self._needs_reference_model():
@@ -423,9 +435,10 @@ def _check_settings(**values: Any) -> None:
 
 
 def _check_requirements(objective: Any) -> None:
-    unknown = set(getattr(objective, "requires", ())) - KNOWN_REQUIREMENTS
+    unknown = set(getattr(objective, "requires", ())) - known_requirements()
     if unknown:
-        raise UserError(f"objective {type(objective).__name__} requires unknown statistics {sorted(unknown)}")
+        raise UserError(f"objective {type(objective).__name__} requires unknown statistics {sorted(unknown)}; known: "
+                        f"{sorted(known_requirements())}")
 
 
 def _describe(spec: dict[str, Any]) -> str:

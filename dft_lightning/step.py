@@ -126,4 +126,6 @@ class TokenStatsHook(Protocol):
 
 def detached(stats: TokenStats) -> TokenStats:
     """``stats`` with every tensor detached (views, no copy)."""
-    return TokenStats(**{k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(stats).items()})
+    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(stats).items()}
+    fields["extra"] = {k: v.detach() for k, v in stats.extra.items()}
+    return TokenStats(**fields)

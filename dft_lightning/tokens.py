@@ -7,11 +7,21 @@ distribution). Only supervised positions are projected at all, and they are proc
 in forward and are recomputed chunk by chunk in backward, so the loss path's peak memory is
 ``O(chunk_size x vocab)`` instead of ``O(tokens x vocab)``.
 
+Statistics beyond the target log-prob are described once each in ``STATISTICS`` (a name, how to
+compute it from one chunk's float32 logits and log-normaliser, what it means): an objective names
+them in ``requires`` (with options in ``statistic_options``, e.g. ``{"topk_entropy": {"k": 20}}``)
+and finds them in ``TokenStats``. Adding a statistic is one ``register_statistic`` call.
+
 Not handled here: models whose head is more than a linear map (e.g. logit soft-capping is applied,
 other output heads are not), the reference model (the caller runs this under ``no_grad``).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +39,117 @@ def auto_chunk_size(vocab: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+@dataclass(frozen=True)
+class Statistic:
+    """A per-token statistic of the policy's next-token distribution, computed chunk by chunk.
+
+    ``compute(logits, lse, options)`` gets one chunk's ``[tokens, vocab]`` logits (float32 or wider,
+    soft-capped when the model does), their ``logsumexp`` ``[tokens]`` and the requesting objective's
+    options for this statistic, and returns ``[tokens]``. It runs under the chunk's activation
+    checkpoint, so it is differentiable and recomputed in backward like the logits.
+    """
+
+    name: str
+    compute: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor]
+    doc: str = ""
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(name: str, compute: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor],
+                       doc: str = "") -> Statistic:
+    """Make ``name`` a statistic objectives may ``require`` (replaces one of the same name)."""
+    STATISTICS[name] = Statistic(name, compute, doc)
+    return STATISTICS[name]
+
+
+def _entropy(logits: Tensor, lse: Tensor, options: Mapping[str, Any]) -> Tensor:
+    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def _topk_entropy(logits: Tensor, lse: Tensor, options: Mapping[str, Any]) -> Tensor:
+    k = int(options.get("k", 20))
+    if k < 1:
+        raise ValueError(f"topk_entropy: k must be at least 1, got {k}")
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
+    logq = torch.log_softmax(top, dim=-1)
+    return -(logq.exp() * logq).sum(-1)
+
+
+register_statistic("entropy", _entropy, "entropy of the next-token distribution (nats)")
+register_statistic("topk_entropy", _topk_entropy,
+                   "entropy of the next-token distribution renormalised over its top k tokens (option k, default "
+                   f"20; at most ln k = {math.log(20):.2f} nats for k = 20)")
+
+
 def _chunk_stats(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, want_entropy: bool
-) -> tuple[Tensor, Tensor]:
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
+    requested: tuple[tuple[str, Mapping[str, Any]], ...],
+) -> tuple[Tensor, ...]:
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if want_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = lse - (probs * logits).sum(-1)
-    else:
-        entropy = logp.new_zeros(())
-    return logp, entropy
+    return (logp, *(STATISTICS[name].compute(logits, lse, options) for name, options in requested))
+
+
+def chunked_statistics(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    requested: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+) -> dict[str, Tensor]:
+    """``{"logp": ..., <each requested statistic>: ...}``, each ``[batch, time]``, zero where not supervised.
+
+    Args:
+        hidden: ``[batch, time, hidden]`` states that predict ``targets`` (already shifted).
+        weight: ``[vocab, hidden]`` output projection (tied embeddings are fine).
+        targets: ``[batch, time]`` token ids, ``-100`` where not supervised.
+        requested: statistic name (a key of ``STATISTICS``) -> its options.
+        bias: optional ``[vocab]`` output bias.
+        chunk_size: supervised tokens projected at once; ``None`` sizes chunks from the vocabulary
+            (``auto_chunk_size``); ``0`` disables chunking (one chunk, no recomputation).
+        softcap: final logit soft-capping (``tanh(x / c) * c``), for models that use it.
+    """
+    unknown = set(requested or {}) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+    wanted = tuple(sorted((name, dict(options or {})) for name, options in (requested or {}).items()))
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
+    batch, time = targets.shape
+    flat_targets = targets.reshape(-1)
+    index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    states = hidden.reshape(batch * time, -1).index_select(0, index)
+    picked = flat_targets.index_select(0, index)
+
+    step = chunk_size if chunk_size and chunk_size > 0 else max(int(index.numel()), 1)
+    parts: list[tuple[Tensor, ...]] = []
+    for start in range(0, int(index.numel()), step):
+        h = states[start : start + step]
+        t = picked[start : start + step]
+        if chunk_size and torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_stats, h, weight, bias, t, softcap, wanted, use_reentrant=False))
+        else:
+            parts.append(_chunk_stats(h, weight, bias, t, softcap, wanted))
+
+    def scatter(values: list[Tensor]) -> Tensor:
+        out = hidden.new_zeros(batch * time, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        if values:
+            out = out.index_put((index,), torch.cat(values))
+        elif hidden.requires_grad:  # nothing supervised: keep a (zero) graph so backward still runs everywhere
+            out = out + 0.0 * hidden.sum()
+        return out.view(batch, time)
+
+    names = ["logp", *(name for name, _ in wanted)]
+    return {name: scatter([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
 def token_statistics(
@@ -72,32 +178,6 @@ def token_statistics(
         ``(logp, entropy)``, each ``[batch, time]`` in at least float32, zero where ``targets == -100``;
         ``entropy`` is ``None`` unless requested.
     """
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(weight.shape[0])
-    batch, time = targets.shape
-    flat_targets = targets.reshape(-1)
-    index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    states = hidden.reshape(batch * time, -1).index_select(0, index)
-    picked = flat_targets.index_select(0, index)
-
-    step = chunk_size if chunk_size and chunk_size > 0 else max(int(index.numel()), 1)
-    logps, ents = [], []
-    for start in range(0, int(index.numel()), step):
-        h = states[start : start + step]
-        t = picked[start : start + step]
-        if chunk_size and torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_stats, h, weight, bias, t, softcap, entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk_stats(h, weight, bias, t, softcap, entropy)
-        logps.append(lp)
-        ents.append(ent)
-
-    def scatter(parts: list[Tensor]) -> Tensor:
-        out = hidden.new_zeros(batch * time, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        if parts:
-            out = out.index_put((index,), torch.cat(parts))
-        elif hidden.requires_grad:  # nothing supervised: keep a (zero) graph so backward still runs everywhere
-            out = out + 0.0 * hidden.sum()
-        return out.view(batch, time)
-
-    return scatter(logps), (scatter(ents) if entropy else None)
+    out = chunked_statistics(hidden, weight, targets, {"entropy": {}} if entropy else None, bias=bias,
+                             chunk_size=chunk_size, softcap=softcap)
+    return out["logp"], out.get("entropy")

@@ -34,8 +34,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: Statistics an objective may request through ``requires``.
-KNOWN_REQUIREMENTS = frozenset({"reference", "entropy"})
+from dft_lightning.tokens import STATISTICS
+
+#: Statistics an objective may request through ``requires`` (besides those registered later with
+#: ``dft_lightning.tokens.register_statistic``; ``known_requirements()`` gives the current set).
+KNOWN_REQUIREMENTS = frozenset({"reference", *STATISTICS})
+
+
+def known_requirements() -> frozenset[str]:
+    """``"reference"`` and every registered statistic (``dft_lightning.tokens.STATISTICS``)."""
+    return frozenset({"reference", *STATISTICS})
 
 
 @dataclass
@@ -50,6 +58,9 @@ class TokenStats:
         num_tokens: scalar, supervised tokens in the whole optimizer step, all ranks.
         ref_logp: log-probability under the reference model (no gradient), when requested.
         entropy: entropy of the policy's next-token distribution (differentiable), when requested.
+        targets: int, the target token ids (``-100`` where not supervised).
+        extra: every other requested statistic by name (``dft_lightning.tokens.STATISTICS``), also
+            readable as an attribute (``stats.topk_entropy``).
     """
 
     logp: Tensor
@@ -58,6 +69,15 @@ class TokenStats:
     num_tokens: Tensor
     ref_logp: Tensor | None = None
     entropy: Tensor | None = None
+    targets: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Tensor:
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"TokenStats has no {name!r}" + (
+            " (a statistic: add it to the objective's requires)" if name in STATISTICS else ""))
 
     def token_sum(self, per_token: Tensor) -> Tensor:
         """Sum ``per_token`` over supervised tokens and divide by the step's token count.
@@ -110,13 +130,18 @@ class ObjectiveOutput:
 class Objective:
     """Base class of training objectives.
 
-    Subclasses set ``requires`` to the extra statistics they need (a subset of
-    ``KNOWN_REQUIREMENTS``) and implement ``__call__``. Constructor arguments become YAML keys under
+    Subclasses set ``requires`` to the extra statistics they need (``"reference"`` or names in
+    ``dft_lightning.tokens.STATISTICS``) and implement ``__call__``. Constructor arguments become YAML keys under
     ``model.objective.init_args``. Any class with this shape works, also one defined outside the
     package: name it by its import path in ``model.objective.class_path``.
     """
 
     requires: frozenset[str] = frozenset()
+    #: Options of required statistics, e.g. ``{"topk_entropy": {"k": 20}}`` (see ``dft_lightning.tokens``).
+    statistic_options: dict[str, dict[str, Any]] = {}
+
+    def setup(self, tokenizer: Any) -> None:
+        """Called once with the tokenizer before the first step (e.g. to build a per-vocabulary table)."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Objective:
         self = super().__new__(cls)

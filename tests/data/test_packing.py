@@ -23,7 +23,7 @@ def rows(tiny_dir, tmp_path_factory):
 def per_record(model, batch):
     """{row_id: (summed logp, logp of each supervised token)} for one micro-batch."""
     with torch.no_grad():
-        logp, _ = model(batch)
+        logp = model(batch)["logp"]
     seq, mask = batch.sequence_ids[:, 1:], batch.target_mask
     out = {}
     for index, row_id in enumerate(batch.row_ids):
@@ -91,7 +91,7 @@ def test_sdpa_runs_packed_rows_per_record_and_matches_the_dense_mask(tiny_dir, r
     assert batch.input_ids.shape[0] >= 2 and (batch.sequence_ids < 0).any()  # several rows, padding
     results = []
     for model in (varlen, dense):
-        logp, _ = model(batch)
+        logp = model(batch)["logp"]
         mask = batch.target_mask
         logp[mask].sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -153,7 +153,7 @@ def test_packed_rows_under_activation_checkpointing_match(tiny_dir, rows):
         if checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = CausalLMWithTokenStats(lm, chunk_size=64).train()
-        logp, _ = model(batch)
+        logp = model(batch)["logp"]
         logp[batch.target_mask].sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
