@@ -8,9 +8,26 @@ from dft_lightning.objectives.base import (
     build_objective,
     objective_spec,
 )
+from dft_lightning.objectives.chord import CHORD
 from dft_lightning.objectives.dft import DFT
+from dft_lightning.objectives.dft_sequence import DFTSequence
+from dft_lightning.objectives.focal import Focal
 from dft_lightning.objectives.iw_sft import IWSFT
+from dft_lightning.objectives.prob_power import ProbPower
 from dft_lightning.objectives.sft import SFT
 
-__all__ = ["DFT", "IWSFT", "KNOWN_REQUIREMENTS", "SFT", "Objective", "ObjectiveOutput", "TokenStats", "build_objective",
-           "objective_spec"]
+__all__ = [
+    "CHORD",
+    "DFT",
+    "IWSFT",
+    "KNOWN_REQUIREMENTS",
+    "SFT",
+    "DFTSequence",
+    "Focal",
+    "Objective",
+    "ObjectiveOutput",
+    "ProbPower",
+    "TokenStats",
+    "build_objective",
+    "objective_spec",
+]
