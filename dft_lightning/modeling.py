@@ -166,6 +166,18 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a full (gathered) state dict into ``model``, sharded by FSDP2 or not (collective when sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
 def merge_lora(state: dict[str, Tensor], scalings: dict[str, float], adapter: str = "default") -> dict[str, Tensor]:
     """Fold LoRA deltas ``W + s * B @ A`` into base weights; return a plain HF state dict."""
     merged: dict[str, Tensor] = {}

@@ -42,6 +42,7 @@ from dft_lightning.errors import UserError
 from dft_lightning.objectives import SFT, Objective, TokenStats, build_objective, objective_spec
 from dft_lightning.objectives.base import known_requirements
 from dft_lightning.pretrained import load_tokenizer
+from dft_lightning.reference import ReferenceUpdate
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
 from dft_lightning.tokens import STATISTICS
 
@@ -65,6 +66,8 @@ class FineTuneModule(L.LightningModule):
         gradient_checkpointing: recompute decoder activations in backward.
         reference: reference model for objectives that require one; default: the starting model
             (with LoRA: the base model with adapters switched off, no copy).
+        reference_update: how the reference follows the policy (``dft_lightning.reference.EMA`` or
+            ``Snapshot``); default: it stays frozen. Not with LoRA.
         lr: peak learning rate (paper: 5e-5).
         weight_decay: AdamW weight decay on matrices (biases and norms are not decayed).
         betas: AdamW betas.
@@ -83,7 +86,8 @@ class FineTuneModule(L.LightningModule):
     def __init__(
         self, pretrained: str, objective: Objective | None = None, dtype: str = "float32",
         attn_implementation: str | None = None, lora: dict[str, Any] | None = None,
-        gradient_checkpointing: bool = False, reference: str | None = None, lr: float = 5e-5,
+        gradient_checkpointing: bool = False, reference: str | None = None,
+        reference_update: ReferenceUpdate | None = None, lr: float = 5e-5,
         weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
         min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int | None = None,
         fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise", freeze_vision: bool = False,
@@ -97,7 +101,11 @@ class FineTuneModule(L.LightningModule):
         _check_requirements(self.objective)
         if on_nonfinite not in ("raise", "skip"):
             raise UserError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        self.save_hyperparameters(ignore=["objective"])
+        if reference_update is not None and lora:
+            raise UserError("model.reference_update with model.lora: a LoRA policy's reference is its base model "
+                            "(adapters off), which does not move; drop one of the two")
+        self.reference_update = reference_update
+        self.save_hyperparameters(ignore=["objective", "reference_update"])
         self.pretrained, self.dtype_name = pretrained, dtype
         self.model: modeling.CausalLMWithTokenStats | None = None
         self._reference: modeling.CausalLMWithTokenStats | None = None  # not a submodule: not saved
@@ -252,6 +260,7 @@ class FineTuneModule(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._update_reference()
         finished = self._step_started = time.perf_counter()
         self._tokens_seen += int(num_tokens)
         logs.update(self._step_logs(batch, num_tokens, lr, grad_norm, finished - started))
@@ -259,6 +268,12 @@ class FineTuneModule(L.LightningModule):
         self.log_dict({k: v.detach().float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=1)
         self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1)
+
+    def _update_reference(self) -> None:
+        """After an optimizer step: move the reference by ``model.reference_update``, when it is due."""
+        rule = self.reference_update
+        if rule is not None and self._reference is not None and rule.due(self.global_step):
+            rule.update(self._reference, self.model)
 
     def _step_logs(self, batch: list[MicroBatch], num_tokens: Tensor, lr: float, grad_norm: Tensor,
                    seconds: float) -> dict[str, Tensor]:
@@ -334,12 +349,19 @@ class FineTuneModule(L.LightningModule):
             "objective": objective_spec(self.objective), "tokens_seen": self._tokens_seen,
             "nonfinite": self.nonfinite.state_dict(),
         }
+        if self.reference_update is not None and self._reference is not None:  # it has moved: keep it
+            checkpoint[CHECKPOINT_KEY]["reference"] = modeling.full_state_dict(self._reference)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY) or {}
         self._tokens_seen = int(state.get("tokens_seen", 0))
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        saved = state.get("objective")
+        self._restore_objective(state.get("objective"))
+        if "reference" in state and self._reference is not None:
+            modeling.load_full_state_dict(self._reference, state["reference"])
+
+    def _restore_objective(self, saved: dict[str, Any] | None) -> None:
+        """The checkpoint's objective, unless the config names one (then a difference is reported)."""
         if saved is None:
             return
         current = objective_spec(self.objective)

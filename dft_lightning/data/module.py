@@ -242,12 +242,33 @@ class ChatDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True, drop_last=True, global_batch=self.batch_size)
+        self._train_sampler = loader.batch_sampler
         trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # resuming mid-epoch: continue with the steps not yet taken
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer is not None:
             loader.batch_sampler.set_epoch(trainer.current_epoch)
-            loader.batch_sampler.resume_at(done if 0 < done < len(loader.batch_sampler) else 0)
+        self._apply_resume()
         return loader
+
+    # -- resuming mid-epoch ------------------------------------------------------------------
+    # The loader may be built before a checkpoint is restored (``trainer.estimated_stepping_batches``
+    # builds it early when ``max_epochs`` is set), so the steps taken in the checkpoint's epoch are
+    # saved with the data module's state and handed to the step sampler whenever both exist.
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"steps_in_epoch": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_steps = int(state.get("steps_in_epoch", 0))
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        sampler, steps = getattr(self, "_train_sampler", None), getattr(self, "_resume_steps", 0)
+        if sampler is not None and steps:
+            sampler.resume_at(steps if steps < len(sampler) else 0)  # the next pass skips the steps taken
+            self._resume_steps = 0
+
 
     def _eval_loader(self, name: str) -> DataLoader:
         _, world = self._world()

@@ -11,15 +11,21 @@ from dft_lightning.objectives.base import (
 from dft_lightning.objectives.chord import CHORD
 from dft_lightning.objectives.dft import DFT
 from dft_lightning.objectives.dft_sequence import DFTSequence
+from dft_lightning.objectives.eaft import EAFT
 from dft_lightning.objectives.focal import Focal
 from dft_lightning.objectives.iw_sft import IWSFT
 from dft_lightning.objectives.prob_power import ProbPower
+from dft_lightning.objectives.psft import PSFT
+from dft_lightning.objectives.sadft import SADFT
 from dft_lightning.objectives.sft import SFT
 
 __all__ = [
     "CHORD",
     "DFT",
+    "EAFT",
     "IWSFT",
+    "PSFT",
+    "SADFT",
     "KNOWN_REQUIREMENTS",
     "SFT",
     "DFTSequence",
