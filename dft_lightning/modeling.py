@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dft_lightning import attention
 from dft_lightning.batch import MicroBatch
 from dft_lightning.pretrained import resolve_pretrained
-from dft_lightning.tokens import chunked_statistics
+from dft_lightning.tokens import ReferenceStates, chunked_statistics
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", attn_implementation: str | None = None) -> nn.Module:
@@ -109,9 +109,17 @@ class CausalLMWithTokenStats(nn.Module):
             raise NotImplementedError(f"output projection of type {type(head).__name__} is not supported")
         return head
 
-    def forward(self, mb: MicroBatch, requested: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, mb: MicroBatch, requested: Mapping[str, Mapping[str, Any]] | None = None,
+        reference: ReferenceStates | None = None, *, states_only: bool = False,
+    ) -> Any:
         """Per-token statistics of ``mb``, ``[rows, time - 1]`` each: ``logp`` and the ``requested`` ones
-        (name -> options, see ``dft_lightning.tokens.STATISTICS``).
+        (name -> options, see ``dft_lightning.tokens.STATISTICS``; ``reference`` for those that compare
+        with a reference model).
+
+        With ``states_only`` (a reference model, for statistics such as the full-vocabulary KL) it returns
+        ``ReferenceStates``: the final hidden states and a copy of the output projection, kept for the
+        step's backward (under FSDP2 the gathered projection is freed after this forward).
 
         Attention stays inside each record of packed rows on every backend
         (``attention.decoder_inputs``).
@@ -121,9 +129,12 @@ class CausalLMWithTokenStats(nn.Module):
         out = self.decoder()(**inputs, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         head = self.head()
+        if states_only:
+            keep = (lambda t: t.detach().clone()) if getattr(self, "fsdp_sharded", False) else (lambda t: t.detach())
+            return ReferenceStates(hidden.detach(), keep(head.weight), None if head.bias is None else keep(head.bias))
         return chunked_statistics(
             hidden, head.weight, mb.labels[:, 1:], requested, bias=head.bias, chunk_size=self.chunk_size,
-            softcap=self.softcap,
+            softcap=self.softcap, reference=reference,
         )
 
 
@@ -153,6 +164,7 @@ def shard_fsdp2(
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs, **({"reshard_after_forward": True} if reshard_root else {}))
+    model.fsdp_sharded = True  # parameters gathered in forward are freed after it
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ from dft_lightning.objectives.base import known_requirements
 from dft_lightning.pretrained import load_tokenizer
 from dft_lightning.reference import ReferenceUpdate
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
-from dft_lightning.tokens import STATISTICS
+from dft_lightning.tokens import STATISTICS, chunked_statistics
 
 MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
 CHECKPOINT_KEY = "dft_lightning"
@@ -158,7 +158,9 @@ class FineTuneModule(L.LightningModule):
     def _needs_reference_model(self) -> bool:
         """A separate reference model is needed (with LoRA the base model is the policy with adapters off)."""
         hp = self.hparams
-        return "reference" in self.objective.requires and (hp.reference is not None or not hp.lora)
+        requires = self.objective.requires
+        wants = "reference" in requires or any(STATISTICS[n].needs_reference for n in requires if n in STATISTICS)
+        return wants and (hp.reference is not None or not hp.lora)
 
     def _fsdp_param_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
@@ -192,21 +194,34 @@ class FineTuneModule(L.LightningModule):
         assert self.model is not None
         requires = self.objective.requires
         options = getattr(self.objective, "statistic_options", None) or {}
-        out = self.model(mb, {name: options.get(name, {}) for name in requires if name in STATISTICS})
-        ref_logp = None
-        if "reference" in requires:
+        requested = {name: options.get(name, {}) for name in requires if name in STATISTICS}
+        ref_logp = states = None
+        if "reference" in requires or any(STATISTICS[name].needs_reference for name in requested):
             with torch.no_grad():
-                if self._reference is not None:
-                    self._reference.to(self.device)
-                    ref_logp = self._reference(mb)["logp"]
-                else:  # LoRA: the base model is the policy with adapters off
-                    with modeling.adapter_disabled(self.model.lm):
-                        ref_logp = self.model(mb)["logp"]
+                ref_logp, states = self._reference_pass(mb, with_states=any(
+                    STATISTICS[name].needs_reference for name in requested), logp="reference" in requires)
+        out = self.model(mb, requested, states)
         logp, entropy = out.pop("logp"), out.pop("entropy", None)
         return TokenStats(
             logp=logp, mask=mb.target_mask, sequence=mb.sequence_ids[:, 1:], num_tokens=num_tokens,
             ref_logp=ref_logp, entropy=entropy, targets=mb.labels[:, 1:], extra=out,
         )
+
+    def _reference_pass(self, mb: MicroBatch, *, with_states: bool, logp: bool) -> tuple[Tensor | None, Any]:
+        """The reference's log-probs and/or its final states (one forward); with LoRA the policy, adapters off."""
+        assert self.model is not None
+        reference = self._reference if self._reference is not None else self.model
+        if self._reference is not None:
+            self._reference.to(self.device)
+        context = modeling.adapter_disabled(self.model.lm) if self._reference is None else nullcontext()
+        with context:
+            if not with_states:
+                return reference(mb)["logp"], None
+            states = reference(mb, states_only=True)
+        if not logp:
+            return None, states
+        return chunked_statistics(states.hidden, states.weight, mb.labels[:, 1:], bias=states.bias,
+                                  chunk_size=reference.chunk_size, softcap=reference.softcap)["logp"], states
 
     def _sync_context(self, last: bool):
         """No gradient synchronisation before the last micro-batch of a step."""

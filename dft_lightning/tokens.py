@@ -39,61 +39,110 @@ def auto_chunk_size(vocab: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+@dataclass
+class Chunk:
+    """What a statistic sees of one chunk of supervised positions (``[tokens, vocab]`` logits at most).
+
+    Attributes:
+        logits: the policy's logits (float32 or wider, soft-capped when the model does).
+        lse: their ``logsumexp``, ``[tokens]``.
+        targets: the target ids, ``[tokens]``.
+        ref_logits: the reference model's logits of the same positions (no gradient), for
+            statistics registered with ``needs_reference``; else ``None``.
+    """
+
+    logits: Tensor
+    lse: Tensor
+    targets: Tensor
+    ref_logits: Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Statistic:
-    """A per-token statistic of the policy's next-token distribution, computed chunk by chunk.
+    """A per-token statistic of the next-token distribution, computed chunk by chunk.
 
-    ``compute(logits, lse, options)`` gets one chunk's ``[tokens, vocab]`` logits (float32 or wider,
-    soft-capped when the model does), their ``logsumexp`` ``[tokens]`` and the requesting objective's
-    options for this statistic, and returns ``[tokens]``. It runs under the chunk's activation
-    checkpoint, so it is differentiable and recomputed in backward like the logits.
+    ``compute(chunk, options)`` gets one ``Chunk`` and the requesting objective's options for this
+    statistic and returns ``[tokens]``. It runs under the chunk's activation checkpoint, so it is
+    differentiable and recomputed in backward like the logits. ``needs_reference``: the chunk
+    carries the reference model's logits too (the module then keeps the reference's final hidden
+    states and output projection for the step).
     """
 
     name: str
-    compute: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor]
+    compute: Callable[[Chunk, Mapping[str, Any]], Tensor]
     doc: str = ""
+    needs_reference: bool = False
 
 
 STATISTICS: dict[str, Statistic] = {}
 
 
-def register_statistic(name: str, compute: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor],
-                       doc: str = "") -> Statistic:
+def register_statistic(name: str, compute: Callable[[Chunk, Mapping[str, Any]], Tensor], doc: str = "", *,
+                       needs_reference: bool = False) -> Statistic:
     """Make ``name`` a statistic objectives may ``require`` (replaces one of the same name)."""
-    STATISTICS[name] = Statistic(name, compute, doc)
+    STATISTICS[name] = Statistic(name, compute, doc, needs_reference)
     return STATISTICS[name]
 
 
-def _entropy(logits: Tensor, lse: Tensor, options: Mapping[str, Any]) -> Tensor:
-    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+def _entropy(chunk: Chunk, options: Mapping[str, Any]) -> Tensor:
+    return chunk.lse - (torch.softmax(chunk.logits, dim=-1) * chunk.logits).sum(-1)
 
 
-def _topk_entropy(logits: Tensor, lse: Tensor, options: Mapping[str, Any]) -> Tensor:
+def _topk_entropy(chunk: Chunk, options: Mapping[str, Any]) -> Tensor:
     k = int(options.get("k", 20))
     if k < 1:
         raise ValueError(f"topk_entropy: k must be at least 1, got {k}")
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
+    top = chunk.logits.topk(min(k, chunk.logits.shape[-1]), dim=-1).values
     logq = torch.log_softmax(top, dim=-1)
     return -(logq.exp() * logq).sum(-1)
+
+
+def _kl_reference(chunk: Chunk, options: Mapping[str, Any]) -> Tensor:
+    """``KL(pi_ref || pi) = sum_v p_ref (log p_ref - log p)`` over the full vocabulary."""
+    assert chunk.ref_logits is not None
+    ref_logq = torch.log_softmax(chunk.ref_logits, dim=-1)
+    logq = chunk.logits - chunk.lse.unsqueeze(-1)
+    return (ref_logq.exp() * (ref_logq - logq)).sum(-1)
 
 
 register_statistic("entropy", _entropy, "entropy of the next-token distribution (nats)")
 register_statistic("topk_entropy", _topk_entropy,
                    "entropy of the next-token distribution renormalised over its top k tokens (option k, default "
                    f"20; at most ln k = {math.log(20):.2f} nats for k = 20)")
+register_statistic("kl_reference", _kl_reference,
+                   "KL(reference || policy) of the next-token distributions over the full vocabulary",
+                   needs_reference=True)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def _chunk_stats(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
-    requested: tuple[tuple[str, Mapping[str, Any]], ...],
+    requested: tuple[tuple[str, Mapping[str, Any]], ...], ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    logits = F.linear(hidden, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _logits(hidden, weight, bias, softcap)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return (logp, *(STATISTICS[name].compute(logits, lse, options) for name, options in requested))
+    ref_logits = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_logits = _logits(ref_hidden, ref_weight, ref_bias, softcap)
+    chunk = Chunk(logits, lse, targets, ref_logits)
+    return (logp, *(STATISTICS[name].compute(chunk, options) for name, options in requested))
+
+
+@dataclass
+class ReferenceStates:
+    """A reference model's final hidden states (shifted like the policy's) and output projection."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
 
 
 def chunked_statistics(
@@ -105,6 +154,7 @@ def chunked_statistics(
     bias: Tensor | None = None,
     chunk_size: int | None = None,
     softcap: float | None = None,
+    reference: ReferenceStates | None = None,
 ) -> dict[str, Tensor]:
     """``{"logp": ..., <each requested statistic>: ...}``, each ``[batch, time]``, zero where not supervised.
 
@@ -117,11 +167,15 @@ def chunked_statistics(
         chunk_size: supervised tokens projected at once; ``None`` sizes chunks from the vocabulary
             (``auto_chunk_size``); ``0`` disables chunking (one chunk, no recomputation).
         softcap: final logit soft-capping (``tanh(x / c) * c``), for models that use it.
+        reference: the reference's states, for statistics that need them (``Statistic.needs_reference``).
     """
     unknown = set(requested or {}) - set(STATISTICS)
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
     wanted = tuple(sorted((name, dict(options or {})) for name, options in (requested or {}).items()))
+    if reference is None and any(STATISTICS[name].needs_reference for name, _ in wanted):
+        raise ValueError(f"statistics {[n for n, _ in wanted if STATISTICS[n].needs_reference]} need the "
+                         "reference model's states")
     if chunk_size is None:
         chunk_size = auto_chunk_size(weight.shape[0])
     batch, time = targets.shape
@@ -129,16 +183,20 @@ def chunked_statistics(
     index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
     states = hidden.reshape(batch * time, -1).index_select(0, index)
     picked = flat_targets.index_select(0, index)
+    ref_states = None
+    if reference is not None and any(STATISTICS[name].needs_reference for name, _ in wanted):
+        ref_states = reference.hidden.reshape(batch * time, -1).index_select(0, index).detach()
 
     step = chunk_size if chunk_size and chunk_size > 0 else max(int(index.numel()), 1)
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, int(index.numel()), step):
         h = states[start : start + step]
         t = picked[start : start + step]
+        ref = () if ref_states is None else (ref_states[start : start + step], reference.weight, reference.bias)
         if chunk_size and torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_stats, h, weight, bias, t, softcap, wanted, use_reentrant=False))
+            parts.append(checkpoint(_chunk_stats, h, weight, bias, t, softcap, wanted, *ref, use_reentrant=False))
         else:
-            parts.append(_chunk_stats(h, weight, bias, t, softcap, wanted))
+            parts.append(_chunk_stats(h, weight, bias, t, softcap, wanted, *ref))
 
     def scatter(values: list[Tensor]) -> Tensor:
         out = hidden.new_zeros(batch * time, dtype=torch.promote_types(hidden.dtype, torch.float32))

@@ -1,5 +1,6 @@
 """Training objectives: one small class each, selected in YAML by ``model.objective.class_path``."""
 
+from dft_lightning.objectives.asft import ASFT
 from dft_lightning.objectives.base import (
     KNOWN_REQUIREMENTS,
     Objective,
@@ -20,6 +21,7 @@ from dft_lightning.objectives.sadft import SADFT
 from dft_lightning.objectives.sft import SFT
 
 __all__ = [
+    "ASFT",
     "CHORD",
     "DFT",
     "EAFT",

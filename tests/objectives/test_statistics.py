@@ -63,7 +63,7 @@ def test_topk_entropy_equals_the_renormalised_top_k_distribution(k):
 
 def test_a_new_statistic_is_one_registration_and_reaches_the_objective(monkeypatch, tmp_path):
     monkeypatch.setitem(STATISTICS, "margin", STATISTICS["entropy"])  # restored after the test
-    register_statistic("margin", lambda logits, lse, options: logits.topk(2, -1).values.diff(dim=-1).squeeze(-1).neg(),
+    register_statistic("margin", lambda chunk, options: chunk.logits.topk(2, -1).values.diff(dim=-1).squeeze(-1).neg(),
                        "gap between the two largest logits")
 
     class MarginSFT(Objective):
@@ -179,3 +179,44 @@ def test_trains_in_process_with_its_diagnostics(tmp_path, objective):
     assert module_losses[0] != module_losses[1], name
     prefix = {"EAFT": "eaft/", "SADFT": "sadft/"}[name]
     assert any(k.startswith(prefix) for k in trainer.logged_metrics), trainer.logged_metrics.keys()
+
+
+def test_kl_reference_and_asft_equal_their_full_vocabulary_formulas():
+    from dft_lightning.objectives import ASFT
+    from dft_lightning.tokens import ReferenceStates
+
+    h, w, targets = case(seed=3)
+    g = torch.Generator().manual_seed(7)
+    ref_h = torch.randn(h.shape, generator=g, dtype=torch.float64)
+    ref_w = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    states = ReferenceStates(ref_h, ref_w)
+    out = chunked_statistics(h, w, targets, {"kl_reference": {}}, chunk_size=4, reference=states)
+    _, logq, logp, mask = direct(h, w, targets)
+    ref_logq = torch.log_softmax(ref_h @ ref_w.T, -1)
+    kl = (ref_logq.exp() * (ref_logq - logq)).sum(-1) * mask
+    torch.testing.assert_close(out["kl_reference"], kl)
+    assert (kl[mask] > 0).all()
+    stats = TokenStats(logp=out["logp"], mask=mask, sequence=torch.zeros_like(targets), num_tokens=mask.sum().double(),
+                       targets=targets, extra={"kl_reference": out["kl_reference"]})
+    expected = torch.where(mask, logp.detach().exp() * -logp + 0.5 * kl, torch.zeros_like(logp)).sum() / mask.sum()
+    assert_same_loss_and_grads(ASFT(kl_weight=0.5)(stats).loss, expected, (h, w))
+    out = chunked_statistics(h, w, targets, {"kl_reference": {}}, chunk_size=4, reference=states)
+    stats = TokenStats(logp=out["logp"], mask=mask, sequence=torch.zeros_like(targets), num_tokens=mask.sum().double(),
+                       extra={"kl_reference": out["kl_reference"]})
+    assert_same_loss_and_grads(ASFT(kl_weight=0.0)(stats).loss, DFT()(stats_of(h, w, targets)).loss, (h, w))
+    with pytest.raises(ValueError, match="need the reference model's states"):
+        chunked_statistics(h, w, targets, {"kl_reference": {}})
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen-copy", "lora-adapters-off"])
+def test_asft_trains_and_its_kl_starts_at_zero(tmp_path, lora):
+    from dft_lightning.objectives import ASFT
+    from tests.test_module import one_step
+
+    kwargs = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    grads, module = one_step(tmp_path, 4, ASFT(kl_weight=1.0), **kwargs)
+    assert grads and (module._reference is None) == lora
+    # the reference is the starting model: at the first step policy = reference, so the KL is zero
+    assert float(module.trainer.logged_metrics["asft/kl_mean"]) == pytest.approx(0.0, abs=1e-6)
+    for name, grad in one_step(tmp_path, 4, DFT(), **kwargs)[0].items():  # and its gradient there is DFT's
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
