@@ -35,35 +35,42 @@ def trajectory(tmp_path, name: str, *extra: str) -> tuple[list[float], dict]:
 SINGLE: dict[str, tuple] = {}
 
 
-def single(tmp_path, objective: str) -> tuple:
-    if objective not in SINGLE:
-        SINGLE[objective] = trajectory(
-            tmp_path, f"single-{objective}", "--trainer.devices=1", "--data.init_args.micro_batch_size=8",
-            f"--model.objective.class_path={objective}",
+def single(tmp_path, objective: str, *extra: str) -> tuple:
+    key = (objective, *extra)
+    if key not in SINGLE:
+        SINGLE[key] = trajectory(
+            tmp_path, f"single-{len(SINGLE)}", "--trainer.devices=1", "--data.init_args.micro_batch_size=8",
+            f"--model.objective.class_path={objective}", *extra,
         )
-    return SINGLE[objective]
+    return SINGLE[key]
+
+
+SNAPSHOT = ["--model.reference_update=dft_lightning.reference.Snapshot", "--model.reference_update.every_n_steps=2"]
 
 
 PACKED = ["--data.init_args.packing=true", "--data.init_args.max_length=256", "--data.init_args.micro_batch_size=1"]
 
 
+FSDP2 = "lightning.pytorch.strategies.ModelParallelStrategy"
+
+
 @pytest.mark.parametrize(
-    ("strategy", "objective", "packing"),
-    [("lightning.pytorch.strategies.ModelParallelStrategy", "IWSFT", False), ("ddp", "DFT", False),
-     ("lightning.pytorch.strategies.ModelParallelStrategy", "DFT", True)],
-    ids=["fsdp2-iwsft", "ddp-dft", "fsdp2-dft-packed"],
+    ("strategy", "objective", "packing", "options"),
+    [(FSDP2, "IWSFT", False, []), ("ddp", "DFT", False, []), (FSDP2, "DFT", True, []),
+     (FSDP2, "ASFT", False, ["--model.objective.init_args.kl_weight=1.0"]), (FSDP2, "PSFT", False, SNAPSHOT)],
+    ids=["fsdp2-iwsft", "ddp-dft", "fsdp2-dft-packed", "fsdp2-asft-full-vocab-kl", "fsdp2-psft-snapshot"],
 )
 @pytest.mark.slow
-def test_two_processes_match_single_process(tmp_path, strategy, objective, packing):
+def test_two_processes_match_single_process(tmp_path, strategy, objective, packing, options):
     """Two micro-batches per rank: gradient accumulation without sync, then one synchronised backward.
 
     Packed rows (256 tokens, records of ~120) give ranks different numbers of rows; the unpacked
     single-process run is the reference, so this also checks packing end to end.
     """
     objective = f"dft_lightning.objectives.{objective}"
-    single_run = single(tmp_path, objective)
+    single_run = single(tmp_path, objective, *options)
     extra = [f"--trainer.strategy={strategy}", "--trainer.devices=2", "--data.init_args.micro_batch_size=2",
-             f"--model.objective.class_path={objective}", *(PACKED if packing else [])]
+             f"--model.objective.class_path={objective}", *options, *(PACKED if packing else [])]
     if "ModelParallel" in strategy:
         extra = ["--config", str(REPO / "conf" / "overlays" / "fsdp2.yaml"), *extra[1:]]
     two, weights = trajectory(tmp_path, strategy.split(".")[-1], *extra)
