@@ -24,7 +24,8 @@ KEYS = [
     "memory_ratio_dft", "memory_ratio_entropy",
     "padding_efficiency_packed", "padding_efficiency_padded", "padding_efficiency_unsorted", "tokens_per_s_packed",
     "tokens_per_s_padded", "tokens_per_s_unsorted", "packing_speedup", "packing_speedup_grouped",
-    "packing_varlen_speedup", "fit_tokens_per_s",
+    "packing_varlen_speedup", "fit_tokens_per_s", "dftsequence_sft_step_ratio", "probpower_sft_step_ratio",
+    "chord_sft_step_ratio", "focal_sft_step_ratio", "sadft_sft_step_ratio",
 ]
 
 
@@ -34,7 +35,7 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--device", "cpu", "--write", str(out_file)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, out_file

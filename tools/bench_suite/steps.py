@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,7 +98,8 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
         # it differs only in the objective applied to the [rows, time] log-probs. Timing that part alone, many
         # times, resolves a difference far below the noise of a whole step on a shared machine.
         loss_reps = 50 if args.quick else 2000
-        extra = _objective_times(objectives, batch[0], device, loss_reps)
+        zoo = _zoo(module)
+        extra = _objective_times({**objectives, **zoo}, batch[0], device, loss_reps)
         delta = statistics.median(extra["dft"]) - statistics.median(extra["sft"])
         derived = 1 + delta / statistics.median(times["sft"])
         section.results.append(Result(
@@ -105,6 +107,13 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
             derived, f"{derived:.5f} (DFT objective + its backward {delta * 1e6:+.0f} us against SFT's; "
                      f"{loss_reps} repetitions)", goal, None if args.quick else _goal(derived, 1.02, at_most=True),
         ))
+        for name in zoo:  # the other objectives that need no extra statistic or model, the same way
+            delta = statistics.median(extra[name]) - statistics.median(extra["sft"])
+            ratio = 1 + delta / statistics.median(times["sft"])
+            section.results.append(Result(
+                f"{name.lower()}_sft_step_ratio", f"{name} / SFT step time (SFT step + its extra objective time)",
+                ratio, f"{ratio:.5f} ({delta * 1e6:+.0f} us)", goal,
+                None if args.quick else _goal(ratio, 1.02, at_most=True)))
         section.settings.append(
             f"DFT's extra time: objective + backward from the [rows, time - 1] log-probs of the same micro-batch "
             f"(a leaf tensor), SFT and DFT interleaved, {loss_reps} repetitions each, medians compared; the derived "
@@ -115,13 +124,23 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     return section
 
 
+def _zoo(module: Any) -> dict[str, Objective]:
+    """The objectives that need no statistic or model beyond the target log-probs (SADFT: its token classes)."""
+    from dft_lightning.objectives import CHORD, SADFT, DFTSequence, Focal, ProbPower
+
+    sadft = SADFT()
+    sadft.setup(module.tokenizer)
+    return {"DFTSequence": DFTSequence(length_normalised=True), "ProbPower": ProbPower(alpha=1.0),
+            "CHORD": CHORD(), "Focal": Focal(), "SADFT": sadft}
+
+
 def _objective_times(objectives: dict[str, Objective], batch: MicroBatch, device: torch.device,
                      reps: int) -> dict[str, list[float]]:
     """Seconds of ``objective(stats).loss.backward()`` alone, per objective without extra requirements."""
     mask = batch.target_mask
     logp = (-torch.rand(mask.shape, device=device) * 3).requires_grad_(True)
     stats = TokenStats(logp=logp, mask=mask, sequence=batch.sequence_ids[:, 1:],
-                       num_tokens=mask.sum().float())
+                       num_tokens=mask.sum().float(), targets=batch.labels[:, 1:])
     chosen = {n: o for n, o in objectives.items() if not o.requires}
     times: dict[str, list[float]] = {n: [] for n in chosen}
     for rep in range(reps + 5):
