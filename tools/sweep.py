@@ -265,8 +265,11 @@ def collect(points: list[Point], metric: str, reduce: str) -> None:
         if marker.is_file():
             point.seconds = json.loads(marker.read_text()).get("seconds")
         series = point_metrics(point.folder)
-        point.metric = reduce_series(series.get(metric, []), reduce) if point.status in ("done", "ran", "skipped") \
-            else None
+        finished = point.status in ("done", "ran", "skipped")
+        point.metric = reduce_series(series.get(metric, []), reduce) if finished else None
+        if finished and not series:  # e.g. the CLI's default loggers, which write under runs/, not the folder
+            point.status += " (no metrics.csv under the folder: give the base config a CSVLogger under " \
+                            "${trainer.default_root_dir})"
         steps = [s for values in series.values() for s, _ in values]
         point.steps = int(max(steps)) + 1 if steps else None
 
