@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from dft_lightning.objectives import DFT, IWSFT, SFT, TokenStats
 from dft_lightning.tokens import token_statistics
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """These tests compute in float64; restored afterwards so other test files keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_case(batch=3, time=7, hidden=5, vocab=11, seed=0, masked=(0, 1)):
