@@ -46,7 +46,6 @@ from dft_lightning.reference import ReferenceUpdate
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
 from dft_lightning.tokens import STATISTICS, chunked_statistics
 
-MAX_CONSECUTIVE_SKIPS = 20  # with on_nonfinite=skip, a run that cannot take a step stops instead of looping
 CHECKPOINT_KEY = "dft_lightning"
 REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
@@ -80,7 +79,9 @@ class FineTuneModule(L.LightningModule):
         freeze_vision: keep a vision-language model's vision tower frozen (see
             ``modeling.freeze_vision_tower``).
         on_nonfinite: ``raise`` on a non-finite loss or gradient norm (naming the step and rows) or
-            ``skip`` the step (counted in ``train/skipped_steps``).
+            ``skip`` the step (counted in ``train/skipped_steps``): parameters, optimizer state and
+            schedule stay as they were.
+        max_nonfinite_skips: with ``skip``, this many non-finite steps in a row stop the run.
     """
 
     def __init__(
@@ -90,7 +91,8 @@ class FineTuneModule(L.LightningModule):
         reference_update: ReferenceUpdate | None = None, lr: float = 5e-5,
         weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
         min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0, chunk_size: int | None = None,
-        fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise", freeze_vision: bool = False,
+        fsdp_param_dtype: str | None = None, on_nonfinite: str = "raise", max_nonfinite_skips: int = 20,
+        freeze_vision: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -115,7 +117,9 @@ class FineTuneModule(L.LightningModule):
         })
         self._step_started: float | None = None
         self._tokens_seen = 0
-        self.nonfinite = NonFinitePolicy(on_nonfinite, MAX_CONSECUTIVE_SKIPS)
+        if int(max_nonfinite_skips) != max_nonfinite_skips or max_nonfinite_skips < 1:
+            raise UserError(f"model.max_nonfinite_skips={max_nonfinite_skips!r} must be a positive integer")
+        self.nonfinite = NonFinitePolicy(on_nonfinite, int(max_nonfinite_skips))
         self._metric_keys: list[str] | None = None
 
     # -- model ---------------------------------------------------------------------------------

@@ -181,3 +181,52 @@ def test_out_of_range_settings_name_the_key(key, value, message):
 
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
         FineTuneModule("tiny:qwen2", **{key: value})
+
+
+class NaNAtStep(SFT):
+    """SFT whose loss is NaN from optimizer step ``start`` on (a blow-up in the middle of a run)."""
+
+    def __init__(self, start: int = 1) -> None:
+        self.start, self.calls = start, 0
+
+    def __call__(self, stats):
+        out = super().__call__(stats)
+        self.calls += 1
+        return type(out)(loss=out.loss * float("nan")) if self.calls > self.start * 2 else out  # 2 micro-batches
+
+
+class Snapshots(L.Callback):
+    """Parameters and optimizer state after every training batch (taken step or skipped)."""
+
+    def __init__(self) -> None:
+        self.states: list = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        optimizer = trainer.optimizers[0]
+        self.states.append((
+            {n: p.detach().clone() for n, p in module.named_parameters()},
+            {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in optimizer.state.items()},
+            trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        ))
+
+
+def test_a_skipped_step_leaves_parameters_optimizer_and_schedule_bit_identical_and_too_many_stop(tmp_path):
+    snapshots = Snapshots()
+    torch.manual_seed(0)
+    module = FineTuneModule("tiny:qwen2", objective=NaNAtStep(start=1), on_nonfinite="skip", max_nonfinite_skips=3)
+    data = DemoMathDataModule(num_train=48, num_test=4, tokenizer="tiny:qwen2", batch_size=8, micro_batch_size=4,
+                              data_dir=str(tmp_path / "data"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[snapshots])
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
+        trainer.fit(module, data)
+    assert len(snapshots.states) == 3 and module.nonfinite.skipped == 3  # a step taken, two skips, the third stops
+    (params, optim, sched), *skipped = snapshots.states
+    assert optim and sched == 1
+    for later_params, later_optim, later_sched in skipped:
+        assert later_sched == sched
+        assert all(torch.equal(later_params[n], p) for n, p in params.items())
+        assert later_optim.keys() == optim.keys()
+        for key, state in optim.items():
+            assert all(torch.equal(torch.as_tensor(later_optim[key][n]), torch.as_tensor(v)) for n, v in state.items())
