@@ -42,7 +42,7 @@ from dft_lightning.errors import UserError
 from dft_lightning.objectives import SFT, Objective, TokenStats, build_objective, objective_spec
 from dft_lightning.objectives.base import known_requirements
 from dft_lightning.pretrained import load_tokenizer
-from dft_lightning.reference import ReferenceUpdate
+from dft_lightning.reference import ReferenceUpdate, Snapshot, paired_parameters
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
 from dft_lightning.tokens import STATISTICS, chunked_statistics
 
@@ -107,6 +107,9 @@ class FineTuneModule(L.LightningModule):
             raise UserError("model.reference_update with model.lora: a LoRA policy's reference is its base model "
                             "(adapters off), which does not move; drop one of the two")
         self.reference_update = reference_update
+        if isinstance(reference_update, Snapshot) and reference_update.every_n_steps == 1 and not lora:
+            rank_zero_warn("model.reference_update: Snapshot(every_n_steps=1) refreshes the reference after every "
+                           "step, so it equals the policy at each forward (ratio objectives reduce to SFT); take N > 1")
         self.save_hyperparameters(ignore=["objective", "reference_update"])
         self.pretrained, self.dtype_name = pretrained, dtype
         self.model: modeling.CausalLMWithTokenStats | None = None
@@ -152,6 +155,11 @@ class FineTuneModule(L.LightningModule):
             modeling.shard_fsdp2(self.model, data_parallel_mesh(mesh), self._fsdp_param_dtype())
         if reference_lm is not None:
             self._set_reference(reference_lm)
+            if self.reference_update is not None:  # the same architecture, or say so before the first step
+                try:
+                    paired_parameters(self._reference, self.model)
+                except ValueError as e:
+                    raise UserError(f"model.reference_update: {e}") from None
 
     def _setup_objective(self) -> None:
         """Hand the tokenizer to an objective that wants it (``Objective.setup``; loaded only then)."""

@@ -13,7 +13,8 @@ them in ``requires`` (with options in ``statistic_options``, e.g. ``{"topk_entro
 and finds them in ``TokenStats``. Adding a statistic is one ``register_statistic`` call.
 
 Not handled here: models whose head is more than a linear map (e.g. logit soft-capping is applied,
-other output heads are not), the reference model (the caller runs this under ``no_grad``).
+other output heads are not), running the reference model (the caller runs it under ``no_grad`` and
+passes its final states as ``ReferenceStates``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _kl_reference(chunk: Chunk, options: Mapping[str, Any]) -> Tensor:
     assert chunk.ref_logits is not None
     ref_logq = torch.log_softmax(chunk.ref_logits, dim=-1)
     logq = chunk.logits - chunk.lse.unsqueeze(-1)
-    return (ref_logq.exp() * (ref_logq - logq)).sum(-1)
+    # kl_div(input=log q, target=log p_ref) = p_ref (log p_ref - log q), and 0 where p_ref = 0 (no 0 * inf)
+    return F.kl_div(logq, ref_logq, reduction="none", log_target=True).sum(-1)
 
 
 register_statistic("entropy", _entropy, "entropy of the next-token distribution (nats)")

@@ -21,7 +21,7 @@ Checkpoints record the objective (``objective_spec``: class path and constructor
 rebuild it (``build_objective``) when nothing else names one.
 
 Not handled here: computing the statistics (``dft_lightning.tokens``), reference models
-(``dft_lightning.module``), logging.
+(``dft_lightning.module``, ``dft_lightning.reference``), logging.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from torch import Tensor
 
 from dft_lightning.tokens import STATISTICS
 
-#: Statistics an objective may request through ``requires`` (besides those registered later with
-#: ``dft_lightning.tokens.register_statistic``; ``known_requirements()`` gives the current set).
+#: The built-in requirements at import time; statistics registered later with
+#: ``dft_lightning.tokens.register_statistic`` are in ``known_requirements()``, which the module checks.
 KNOWN_REQUIREMENTS = frozenset({"reference", *STATISTICS})
 
 

@@ -220,3 +220,15 @@ def test_asft_trains_and_its_kl_starts_at_zero(tmp_path, lora):
     assert float(module.trainer.logged_metrics["asft/kl_mean"]) == pytest.approx(0.0, abs=1e-6)
     for name, grad in one_step(tmp_path, 4, DFT(), **kwargs)[0].items():  # and its gradient there is DFT's
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kl_reference_is_finite_where_the_reference_rules_tokens_out():
+    from dft_lightning.tokens import Chunk
+
+    logits = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    ref = torch.tensor([[1.0, float("-inf"), 0.0]], dtype=torch.float64)  # p_ref = 0 for token 1
+    kl = STATISTICS["kl_reference"].compute(Chunk(logits, logits.logsumexp(-1), torch.tensor([0]), ref), {})
+    p_ref = torch.softmax(ref, -1)
+    logq = torch.log_softmax(logits, -1)
+    expected = sum(p_ref[0, i] * (p_ref[0, i].log() - logq[0, i]) for i in (0, 2))
+    torch.testing.assert_close(kl, expected.reshape(1))
