@@ -18,9 +18,10 @@ What it does:
 
   - integers and fractions are exact: ``1234568`` is not ``1234567``, and an integer or fraction answer
     must equal a decimal gold exactly (``\\frac13`` is not ``0.33``);
-  - a decimal answer to a decimal gold is right when it is less than half a unit of the gold's last
-    written digit away, i.e. it rounds to the gold at the gold's written places (``3.14159265358`` for
-    ``3.14159265``, ``2.998\\times10^{8}`` for ``3e8``), so a wrong last digit (``3.14159266``) is wrong;
+  - a decimal answer to a decimal gold is right when it rounds to the gold at the gold's written places
+    (less than half a unit of its last digit away) and is within a relative 1e-4 of it: a longer answer
+    that agrees (``3.14159265358`` for ``3.14159265``) is right; a wrong last digit (``3.14159266``) and
+    extra digits on a short gold (``0.54`` for ``0.5``, ``2.998\\times10^{8}`` for ``3e8``) are wrong;
   - a decimal answer to a gold fraction that no decimal writes exactly (``\\frac13``) needs at least six
     significant digits and to be within one unit of its own last digit (``0.333333`` yes, ``0.3333`` no).
 
@@ -278,6 +279,7 @@ _SLASH_RE = re.compile(r"^(" + _NUM + r")/(" + _NUM + r")$")
 _MAX_EXPONENT = 1000  # larger powers of ten (and longer digit strings) go to sympy, not into a rational
 _MAX_DIGITS = 1000
 _QWEN_REL_TOL = Fraction(1, 10_000)
+_DECIMAL_RTOL = Fraction(1, 10_000)  # a longer decimal answer may differ from a short decimal gold by this much
 _MIN_DIGITS_FOR_EXACT = 6  # significant digits a decimal needs to stand for a non-terminating fraction
 
 
@@ -347,8 +349,8 @@ def _numbers_equal(pred: _Number, gold: _Number, rule: str) -> bool:
         return True
     if pred.places is None:  # an integer or fraction answer is exact: it must equal the gold
         return False
-    if gold.places is not None:  # two decimals: the answer rounds to the gold at the gold's written places
-        return 2 * abs(p - g) < Fraction(10) ** -gold.places
+    if gold.places is not None:  # two decimals: rounds to the gold at its written places, and within 1e-4 of it
+        return 2 * abs(p - g) < Fraction(10) ** -gold.places and abs(p - g) <= _DECIMAL_RTOL * abs(g)
     if g.denominator == 1:  # integers compare exactly
         return False
     # a decimal for a non-terminating fraction (0.333333 for 1/3): within one unit of its last digit
