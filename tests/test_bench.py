@@ -21,7 +21,7 @@ ROW = re.compile(r"^\| `(?P<key>[a-z_]+)` \| [^|]+ \| (?P<result>[^|]+) \|")
 NUMBER = re.compile(r"^<?\s*(?P<value>[0-9]+(?:\.[0-9]+)?)")
 KEYS = [
     "dft_sft_step_ratio", "dft_sft_step_ratio_measured", "iwsft_sft_step_ratio", "memory_ratio_sft",
-    "memory_ratio_dft", "memory_ratio_entropy",
+    "memory_ratio_dft", "memory_ratio_entropy", "memory_ratio_eaft", "memory_ratio_asft",
     "padding_efficiency_packed", "padding_efficiency_padded", "padding_efficiency_unsorted", "tokens_per_s_packed",
     "tokens_per_s_padded", "tokens_per_s_unsorted", "packing_speedup", "packing_speedup_grouped",
     "packing_varlen_speedup", "fit_tokens_per_s", "dftsequence_sft_step_ratio", "probpower_sft_step_ratio",

@@ -50,7 +50,21 @@ class EntropyRegularisedSFT(Objective):
         )
 
 
-LOSS_OBJECTIVES: dict[str, Callable[[], Objective]] = {"sft": SFT, "dft": DFT, "entropy": EntropyRegularisedSFT}
+def _eaft() -> Objective:
+    from dft_lightning.objectives import EAFT
+
+    return EAFT(k=20)
+
+
+def _asft() -> Objective:
+    from dft_lightning.objectives import ASFT
+
+    return ASFT(kl_weight=0.05)
+
+
+LOSS_OBJECTIVES: dict[str, Callable[[], Objective]] = {
+    "sft": SFT, "dft": DFT, "entropy": EntropyRegularisedSFT, "eaft": _eaft, "asft": _asft,
+}
 
 
 # -- results ---------------------------------------------------------------------------------------

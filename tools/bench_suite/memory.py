@@ -24,7 +24,6 @@ from bench_suite.common import (
     Section,
     TokenStats,
     _goal,
-    token_statistics,
 )
 
 
@@ -47,14 +46,25 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _naive_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, entropy: bool):
-    """The naive loss path: full ``[tokens, vocab]`` logits, ``log_softmax`` and ``gather`` at once."""
+def _naive_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, requested: dict[str, dict],
+                 reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The naive loss path: full ``[tokens, vocab]`` logits, ``log_softmax`` and ``gather`` at once (and each
+    requested statistic from the full distribution)."""
     logits = hidden @ weight.t()
+    out: dict[str, torch.Tensor] = {}
+    if "topk_entropy" in requested:
+        logq = F.log_softmax(logits.topk(int(requested["topk_entropy"].get("k", 20)), dim=-1).values, dim=-1)
+        out["topk_entropy"] = -(logq.exp() * logq).sum(-1).float()
     logsm = F.log_softmax(logits, dim=-1)
     del logits  # log_softmax keeps its output for backward, not its input
-    logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    ent = -(logsm.exp() * logsm).sum(-1).float() if entropy else None
-    return logp, ent
+    out["logp"] = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    if "entropy" in requested:
+        out["entropy"] = -(logsm.exp() * logsm).sum(-1).float()
+    if "kl_reference" in requested:
+        with torch.no_grad():
+            ref_logsm = F.log_softmax(reference[0] @ reference[1].t(), dim=-1)
+        out["kl_reference"] = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1).float()
+    return out
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,24 +77,33 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = _proc_status_kib("VmSize") * 1024 + spec["limit_bytes"]
         resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    from dft_lightning.tokens import STATISTICS, ReferenceStates, chunked_statistics
+
     objective = LOSS_OBJECTIVES[spec["objective"]]()
-    want_entropy = "entropy" in objective.requires
+    options = getattr(objective, "statistic_options", None) or {}
+    requested = {n: options.get(n, {}) for n in objective.requires if n in STATISTICS}
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(device, dtype).requires_grad_()
     targets = torch.randint(vocab, (tokens,), generator=g).to(device)
+    reference = None
+    if any(STATISTICS[n].needs_reference for n in requested):  # a reference model's final states and projection
+        reference = (torch.randn(tokens, hidden_size, generator=g).to(device, dtype),
+                     (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(device, dtype))
 
     def loss_path(h: torch.Tensor, t: torch.Tensor) -> None:
         n = t.numel()
+        ref = None if reference is None else (reference[0][:n], reference[1])
         if spec["path"] == "chunked":
-            logp, ent = token_statistics(h[None], weight, t[None], entropy=want_entropy, chunk_size=spec["chunk"])
+            states = None if ref is None else ReferenceStates(ref[0][None], ref[1])
+            out = chunked_statistics(h[None], weight, t[None], requested, chunk_size=spec["chunk"], reference=states)
         else:
-            logp, ent = _naive_stats(h, weight, t, want_entropy)
-            logp, ent = logp[None], (ent[None] if ent is not None else None)
+            out = {k: v[None] for k, v in _naive_stats(h, weight, t, requested, ref).items()}
+        logp, ent = out.pop("logp"), out.pop("entropy", None)
         stats = TokenStats(
             logp=logp, mask=torch.ones(1, n, dtype=torch.bool, device=device),
             sequence=torch.zeros(1, n, dtype=torch.long, device=device),
-            num_tokens=torch.tensor(float(n), device=device), entropy=ent,
+            num_tokens=torch.tensor(float(n), device=device), entropy=ent, targets=t[None], extra=out,
         )
         objective(stats).loss.backward()
 
@@ -180,7 +199,9 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Section:
         f"loss-path memory: {tokens} supervised tokens x vocab {vocab}, hidden {hidden}, {dtype} inputs; chunked = "
         f"token_statistics(chunk_size={chunk}{extra_note}) (each chunk's logits promoted to float32, checkpointed), "
         f"naive = full {dtype} logits ({logits_gib:.2f} GiB per [tokens x vocab] copy) + log_softmax + gather "
-        f"(+ entropy) in one go; objectives SFT, DFT and SFT with an entropy bonus (requires entropy); {method}; "
+        f"(+ entropy, top-k entropy, or the KL to a reference's full logits) in one go; objectives SFT, DFT, SFT with "
+        f"an entropy bonus (entropy), EAFT (topk_entropy) and ASFT (kl_reference: a reference's final states and "
+        f"projection as extra inputs); {method}; "
         "one fresh process per measurement; the times shown include page faults of fresh allocations"
     )
     print(f"  {tokens} tokens x {vocab} vocab, hidden {hidden}, {dtype}, chunk {chunk}: "
@@ -205,7 +226,8 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Section:
     for name in LOSS_OBJECTIVES:
         chunked, naive = measure(name, "chunked", chunk), measure(name, "naive", chunk)
         naive_sft = naive if name == "sft" else naive_sft
-        label = {"sft": "SFT", "dft": "DFT", "entropy": "SFT + entropy bonus"}[name]
+        label = {"sft": "SFT", "dft": "DFT", "entropy": "SFT + entropy bonus", "eaft": "EAFT (top-20 entropy)",
+                 "asft": "ASFT (full-vocabulary KL to a reference)"}[name]
         section.results.append(_memory_result(f"memory_ratio_{name}", f"loss-path peak memory chunked / naive, "
                                               f"{label}", chunked, naive, goal, args.quick))
     for extra in extras:
