@@ -60,18 +60,18 @@ NOT_KEYED = frozenset({
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     digest = hashlib.sha256(f"format {FORMAT}".encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parent.parent / "rows.py"]:  # + reader
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def source_fingerprint(source: str, split: str, subset: str | None) -> dict[str, Any]:
-    from dft_lightning.data.sources import LOCAL_SUFFIXES, _looks_local
+    from dft_lightning.rows import is_row_file, looks_local
 
-    if not _looks_local(source):
+    if not looks_local(source):
         return {"hub": source, "split": split, "subset": subset}
     path = Path(source).expanduser().resolve()
-    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if is_row_file(p.name)) if path.is_dir() else [path]
     return {"files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()]}
 
 

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from dft_lightning.data.batching import PackedStepCollator, StepBatchSampler, StepCollator, StepDataset
 from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
-from dft_lightning.data.sources import MALFORMED, iter_rows
 from dft_lightning.errors import DataError
+from dft_lightning.rows import BadRow, iter_rows
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -148,8 +148,8 @@ class ChatDataModule(L.LightningDataModule):
             row_id, row = raw[index]
             report.read += 1
             try:
-                if row is MALFORMED:
-                    raise DropRow("malformed_json")
+                if isinstance(row, BadRow):  # a malformed JSON line, a row that is not an object
+                    raise DropRow(row.reason, row.detail)
                 encoded, truncated = self.encode_row(encoder, row)
             except DropRow as drop:
                 if self.strict:
@@ -268,7 +268,6 @@ class ChatDataModule(L.LightningDataModule):
         if sampler is not None and steps:
             sampler.resume_at(steps if steps < len(sampler) else 0)  # the next pass skips the steps taken
             self._resume_steps = 0
-
 
     def _eval_loader(self, name: str) -> DataLoader:
         _, world = self._world()

@@ -61,8 +61,8 @@ from dft_lightning.batch import MicroBatch
 from dft_lightning.data.batching import StepBatchSampler, StepDataset, pad_rows
 from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
 from dft_lightning.data.module import ChatDataModule
-from dft_lightning.data.sources import _looks_local
 from dft_lightning.errors import DataError
+from dft_lightning.rows import looks_local
 
 URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://")
 VISION_TOKEN_NAMES = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -401,7 +401,7 @@ class VisionDataModule(ChatDataModule):
         """Read, convert and tokenise one source (with images); returns the rows and their report."""
         if self.image_root is not None:
             self._root = Path(self.image_root).expanduser()
-        elif _looks_local(source):
+        elif looks_local(source):
             path = Path(source).expanduser()
             self._root = path if path.is_dir() else path.parent
         else:
