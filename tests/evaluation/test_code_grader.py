@@ -147,7 +147,7 @@ def test_flooding_completion_fails_at_the_output_cap(add):
 
 
 def test_benchmark_nests_samples_per_problem(problems):
-    bench = HumanEvalBenchmark(problems[:2], grader=HumanEvalGrader(workers=4, timeout_s=TIMEOUT_S))
+    bench = HumanEvalBenchmark(problems=problems[:2], grader=HumanEvalGrader(workers=4, timeout_s=TIMEOUT_S))
     assert bench.prompts() == [problems[0]["prompt"], problems[1]["prompt"]]
     samples = [[problems[0]["canonical_solution"], "    pass\n"], ["    return []\n"]]
     start = time.monotonic()

@@ -184,3 +184,15 @@ def test_benchmark_grades_samples(fixture_file: Path) -> None:
     results, stats = bench.grade_samples(samples)
     assert results == [[True, False]] * 3 and stats.passed == 3
     assert summarize(results, ks=(1, 2)) == {"avg@2": 0.5, "pass@1": 0.5, "pass@2": 1.0}
+
+
+def test_chat_replies_are_graded_on_their_fenced_code(fixture_file: Path) -> None:
+    bench = HumanEvalPlusBenchmark.load(fixture_file, prompt_style="chat", grader=HumanEvalPlusGrader(workers=3))
+    assert all(isinstance(p, list) and "```python" in p[0]["content"] for p in bench.prompts())
+    assert bench.stop_sequences() == ()
+    samples = [[f"```python\n{p['prompt']}{p['canonical_solution']}```", f"```python\n{WRONG[p['task_id']]}```"]
+               for p in bench.problems]
+    add = next(i for i, p in enumerate(bench.problems) if p["task_id"] == "HumanEval/53")
+    samples[add].append(f"Only the body:\n```\n{BASE_ONLY.strip()}\n```")  # right on base inputs only
+    results, _ = bench.grade_samples(samples)
+    assert results[add] == [True, False, False] and all(r == [True, False] for i, r in enumerate(results) if i != add)

@@ -13,6 +13,7 @@ import pytest
 
 from dft_lightning.evaluation.benchmarks.math import (
     PROMPT_TEMPLATES,
+    GSM8KBenchmark,
     MathBenchmark,
     load_math_benchmark,
     rows_to_problems,
@@ -89,13 +90,37 @@ def test_json_file_unknown_names_and_missing_files(tmp_path: Path) -> None:
     path.write_text(json.dumps({"test": [{"id": 1, "problem": "P", "answer": "3"}]}), encoding="utf-8")
     assert load_math_benchmark("aime24", path, limit=1)[0]["answer"] == "3"
     with pytest.raises(KeyError, match="unknown math benchmark"):
-        rows_to_problems("gsm8k", [])
+        rows_to_problems("nope", [])
     with pytest.raises(FileNotFoundError):
         load_math_benchmark("math500", tmp_path / "absent.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": 1}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         load_math_benchmark("math500", bad)
+
+
+GSM8K_ROWS = [  # GSM8K's schema: the worked solution, then "#### <answer>"
+    {"question": "Tom has 3 bags of 412 marbles. How many marbles?", "answer": "3 * 412 = 1236\n#### 1,236"},
+    {"question": "A shop sells 8 pens for $2. What do 36 pens cost?", "answer": "36 / 8 * 2 = 9\n#### 9"},
+    {"question": "It is 5 degrees; it drops 12 degrees. What is it now?", "answer": "5 - 12 = -7\n#### -7"},
+]
+
+
+def test_gsm8k_reads_its_own_schema_and_grades_the_final_number(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "gsm8k_test.jsonl", GSM8K_ROWS)
+    bench = GSM8KBenchmark(str(path))
+    assert [p["answer"] for p in bench.problems] == ["1236", "9", "-7"]
+    assert [p["id"] for p in bench.problems] == ["gsm8k/0", "gsm8k/1", "gsm8k/2"]
+    assert bench.name == "gsm8k" and bench.prompt(bench.problems[0])[-1]["content"].startswith("Tom has 3 bags")
+    nested, _ = bench.grade_samples([
+        [r"So he has \boxed{1,236} marbles.", "The answer is 1236.", r"\boxed{1,263}"],
+        ["#### 9", r"\boxed{9.0}", "#### 8"],
+        [r"\boxed{-7}", r"\boxed{7}", "It is -7 degrees now."],
+    ])
+    assert nested == [[True, True, False], [True, True, False], [True, False, True]]
+    broken = _write_jsonl(tmp_path / "broken.jsonl", [GSM8K_ROWS[0], {"question": "Q", "answer": "no marker"}])
+    with pytest.raises(ValueError, match=r"broken\.jsonl: row 1 \(gsm8k\): no '#### <answer>' in 'answer'"):
+        GSM8KBenchmark(str(broken)).problems  # noqa: B018
 
 
 # -------------------------------------------------------------------------------------------------- prompts
@@ -120,9 +145,8 @@ def test_prompt_templates() -> None:
 
 
 def test_benchmark_grades_nested_samples() -> None:
-    bench = MathBenchmark(
-        "toy", [{"id": "a", "question": "q", "answer": "2"}, {"id": "b", "question": "q", "answer": "0.5"}]
-    )
+    problems = [{"id": "a", "question": "q", "answer": "2"}, {"id": "b", "question": "q", "answer": "0.5"}]
+    bench = MathBenchmark(name="toy", problems=problems)
     nested, stats = bench.grade_samples([[r"\boxed{2}", r"\boxed{3}"], [r"\boxed{\frac12}", "it is 1/2"]])
     assert nested == [[True, False], [True, True]] and stats.items == 4
     assert bench.grade(bench.problems[0], "so 2") and len(bench.prompts()) == 2
@@ -135,10 +159,10 @@ def test_numeric_rule_from_load_and_spec(tmp_path: Path) -> None:
     assert qwen.grade(qwen.problems[0], r"\boxed{0.5}") and qwen.grade(qwen.problems[0], r"\boxed{5000}")
     with pytest.raises(ValueError, match="not both"):
         MathBenchmark.load("math500", path, numeric_rule="qwen", grader=MathGrader())
-    from dft_lightning.evaluation.run import BenchmarkSpec, _load
+    from dft_lightning.evaluation.run import BenchmarkSpec
 
-    assert _load(BenchmarkSpec("demo", "math500", str(path))).grader.numeric_rule == "exact"
-    assert _load(BenchmarkSpec("demo", "math500", str(path), numeric_rule="qwen")).grader.numeric_rule == "qwen"
+    assert BenchmarkSpec("demo", "math500", str(path)).build().grader.numeric_rule == "exact"
+    assert BenchmarkSpec("demo", "math500", str(path), numeric_rule="qwen").build().grader.numeric_rule == "qwen"
 
 
 # ------------------------------------------------------------------------------------- real benchmark files

@@ -119,7 +119,7 @@ def test_evaluate_command_prints_a_table_and_rejects_bad_input(tmp_path, demo_fi
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo_math" in result.stdout and "humaneval" in result.stdout and (tmp_path / "summary.json").is_file()
     bad = run_cli(["evaluate", "--model=tiny:qwen2", "--benchmarks=[{name: nope}]"], cwd=tmp_path)
-    assert bad.returncode == 2 and "unknown kind 'nope'" in bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "unknown benchmark 'nope'" in bad.stdout + bad.stderr
 
 
 def test_callback_logs_accuracy_before_and_after_training(tmp_path):

@@ -40,12 +40,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from dft_lightning.errors import MissingFileError
 from dft_lightning.evaluation.benchmarks.code import HUMANEVAL_FIELDS, HumanEvalBenchmark, load_humaneval
+from dft_lightning.evaluation.benchmarks.code_chat import PromptStyle
 from dft_lightning.evaluation.graders.code import (
     CodeGrade,
     CodeGradingStats,
@@ -54,6 +55,7 @@ from dft_lightning.evaluation.graders.code import (
 )
 from dft_lightning.evaluation.runners import RunnerUnavailable
 from dft_lightning.evaluation.sandbox import run_command, run_program, sandbox_python
+from dft_lightning.rows import looks_local, read_rows
 
 __all__ = [
     "HUMANEVAL_PLUS_HUB_ID",
@@ -96,19 +98,16 @@ def load_humaneval_plus(
     argument lists; ``atol`` becomes a float (0.0 when absent).
     """
     path = Path(source).expanduser()
-    if path.is_file():
+    if looks_local(source):
+        if not path.is_file():
+            raise MissingFileError(f"HumanEval+ file not found: {path}")
         return [_plus_fields(row, f"{path}: {row['task_id']}") for row in load_humaneval(path, limit=limit)]
-    if str(source).endswith((".jsonl", ".gz", ".json")) or str(source).startswith((".", "/", "~")):
-        raise MissingFileError(f"HumanEval+ file not found: {path}")
-    import datasets  # lazily: only hub sources need it
-
     problems: list[dict[str, Any]] = []
-    for index, raw in enumerate(datasets.load_dataset(str(source), split=split)):
-        row, where = dict(raw), f"{source}[{split}]: row {index}"
+    for row_id, row in read_rows(source, key="humaneval_plus", split=split):
         missing = [k for k in HUMANEVAL_FIELDS if not isinstance(row.get(k), str)]
         if missing:
-            raise ValueError(f"{where}: missing or non-string field(s) {missing}")
-        problems.append(_plus_fields(row, where))
+            raise ValueError(f"{row_id}: missing or non-string field(s) {missing}")
+        problems.append(_plus_fields(row, row_id))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
@@ -291,25 +290,36 @@ class HumanEvalPlusGrader:
         return [g.passed for g in grades], stats
 
 
-@dataclass
 class HumanEvalPlusBenchmark(HumanEvalBenchmark):
-    """Data plus a grader for HumanEval+; ``prompts()`` and ``grade_samples()`` work as for HumanEval."""
+    """HumanEval+: problems from ``source`` (default: the hub's ``evalplus/humanevalplus``), the HumanEval+
+    grader; prompts, prompt styles and grading as for HumanEval.
 
-    name: str = "humaneval_plus"
-    grader: HumanEvalPlusGrader = field(default_factory=HumanEvalPlusGrader)
+    Args: as ``HumanEvalBenchmark``, plus ``split`` (hub split); ``grader`` is a ``HumanEvalPlusGrader``.
+    """
+
+    name = "humaneval_plus"
+
+    def __init__(
+        self, source: str | Path | None = HUMANEVAL_PLUS_HUB_ID, *, split: str = "test", limit: int | None = None,
+        prompt_style: PromptStyle = "auto", grader: HumanEvalPlusGrader | None = None, name: str | None = None,
+        problems: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(source or HUMANEVAL_PLUS_HUB_ID, limit=limit, prompt_style=prompt_style,
+                         grader=grader or HumanEvalPlusGrader(), name=name, problems=problems)
+        self.split = split
 
     @classmethod
     def load(
-        cls,
-        source: str | Path | None = HUMANEVAL_PLUS_HUB_ID,
-        *,
-        split: str = "test",
-        limit: int | None = None,
-        **kwargs: Any,
+        cls, source: str | Path | None = HUMANEVAL_PLUS_HUB_ID, *, limit: int | None = None, **kwargs: Any
     ) -> HumanEvalPlusBenchmark:
-        """Load the problems (see ``load_humaneval_plus``) and check that the grader's harness can run them
-        here; ``kwargs`` go to the dataclass (``name``, ``grader``)."""
-        benchmark = cls(load_humaneval_plus(source or HUMANEVAL_PLUS_HUB_ID, split=split, limit=limit), **kwargs)
-        for problem in benchmark.problems:
-            benchmark.grader.runnable(problem)
-        return benchmark
+        """The benchmark with its problems read and checked now (``kwargs``: the other constructor arguments)."""
+        bench = cls(source, limit=limit, **kwargs)
+        bench.problems  # noqa: B018 - read now, so a bad source or a harness that cannot run fails here
+        return bench
+
+    def load_problems(self) -> list[dict[str, Any]]:
+        """The problems, once the grader's harness is known to run them here."""
+        problems = load_humaneval_plus(self.source, split=self.split, limit=self.limit)
+        for problem in problems:
+            self.grader.runnable(problem)
+        return problems

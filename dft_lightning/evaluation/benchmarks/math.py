@@ -1,5 +1,5 @@
-"""Math benchmarks: load Math500, Minerva Math, OlympiadBench, AIME24 and AMC23 into uniform problems, and
-turn a problem into a prompt.
+"""Math benchmarks: Math500, Minerva Math, OlympiadBench, AIME24, AMC23 and GSM8K as uniform problems, prompted
+and graded alike.
 
 A problem is a plain dict ``{"id": str, "question": str, "answer": str}``, whatever the source schema:
 
@@ -9,35 +9,44 @@ A problem is a plain dict ``{"id": str, "question": str, "answer": str}``, whate
   are joined with ", ", and ``$`` signs dropped) (id: ``id``)
 * aime24: ``problem``, ``answer`` (id: ``id``)
 * amc23: ``question`` or ``problem``, ``answer`` (floats such as ``27.0`` become ``"27"``) (id: ``id``)
+* gsm8k: ``question``, answer = what follows the last ``#### `` of ``answer`` (the worked solution), thousands
+  separators dropped (``#### 1,234`` -> ``"1234"``) (id: ``id`` when present, else the row index)
 
-A source is a local ``.jsonl``/``.json`` file or a hub dataset id (read with ``datasets.load_dataset``,
-imported only then). A row missing a required field raises ``ValueError`` naming the file and row.
+A source is a local ``.jsonl``/``.json``/``.parquet`` file (or a directory of them) or a hub dataset id, read by
+``dft_lightning.rows`` (``datasets`` is imported only for hub ids). A malformed line, a row that is not an object
+or a row missing a required field raises ``ValueError`` naming the file and row.
 
-Prompt templates are chosen by name (``PROMPT_TEMPLATES``): ``qwen-boxed``, ``qwen25-math-cot`` and
-``plain``. ``to_messages`` gives chat messages; ``to_prompt`` gives the raw string (through a tokenizer's
-chat template when one is passed). Not handled: few-shot prompts, OlympiadBench's ``context`` images or
-physics subsets, and answer units (the grader strips trailing ``\\text{}`` units, it does not convert them).
+``MathBenchmark(schema, source, ...)`` is the benchmark class (short names ``math500``, ``minerva``,
+``olympiadbench``, ``aime24``, ``amc23``); ``GSM8KBenchmark`` is the one for GSM8K (short name ``gsm8k``; default
+source the hub's ``openai/gsm8k``, configuration ``main``). Prompt templates are chosen by name
+(``PROMPT_TEMPLATES``): ``qwen-boxed``, ``qwen25-math-cot`` and ``plain``. ``to_messages`` gives chat messages;
+``to_prompt`` gives the raw string (through a tokenizer's chat template when one is passed). Not handled:
+few-shot prompts, OlympiadBench's ``context`` images or physics subsets, and answer units (the grader strips
+trailing ``\\text{}`` units, it does not convert them).
 
-``MathBenchmark.load(..., numeric_rule="qwen")`` grades numbers by the Qwen2.5-Math harness's rule instead
-of the exact default (see ``graders.math`` and docs/benchmarks.md).
+``numeric_rule="qwen"`` grades numbers by the Qwen2.5-Math harness's rule instead of the exact default (see
+``graders.math`` and docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dft_lightning.errors import MissingFileError
+from dft_lightning.errors import UserError
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
 from dft_lightning.evaluation.graders.math import MathGrader, NumericRule, extract_boxed
+from dft_lightning.rows import read_rows
 
 __all__ = [
     "BENCHMARKS",
     "PROMPT_TEMPLATES",
+    "GSM8KBenchmark",
     "MathBenchmark",
     "PromptTemplate",
     "load_math_benchmark",
@@ -118,12 +127,28 @@ def _aime_or_amc(row: Mapping[str, Any]) -> tuple[Any, str, str]:
     return row.get("id"), _field(row, "question", "problem"), _answer_text(_field(row, "answer"))
 
 
+_GSM8K_NUMBER_RE = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
+
+
+def gsm8k_answer(solution: str) -> str:
+    """The reference of a GSM8K solution: the text after its last ``#### ``, thousands separators dropped."""
+    if "####" not in solution:
+        raise _RowError("no '#### <answer>' in 'answer'")
+    answer = solution.rsplit("####", 1)[1].strip()
+    return _GSM8K_NUMBER_RE.sub("", answer).rstrip(".").strip()
+
+
+def _gsm8k(row: Mapping[str, Any]) -> tuple[Any, str, str]:
+    return row.get("id"), _field(row, "question"), gsm8k_answer(str(_field(row, "answer")))
+
+
 BENCHMARKS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, str, str]]] = {
     "math500": _math500,
     "minerva": _minerva,
     "olympiadbench": _olympiadbench,
     "aime24": _aime_or_amc,
     "amc23": _aime_or_amc,
+    "gsm8k": _gsm8k,
 }
 _ALIASES = {"math_500": "math500", "math-500": "math500", "minerva_math": "minerva", "olympiad": "olympiadbench"}
 
@@ -131,32 +156,10 @@ _ALIASES = {"math_500": "math500", "math-500": "math500", "minerva_math": "miner
 
 
 def load_rows(source: str | Path, split: str = "test", name: str | None = None) -> tuple[list[dict], str]:
-    """Raw rows from a local json/jsonl file, or from a hub dataset id; also returns a label for errors."""
+    """Raw rows of a local file or hub dataset (``dft_lightning.rows.read_rows``) and a label for errors."""
     path = Path(source).expanduser()
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            rows = []
-            for line_no, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}: line {line_no} is not valid JSON: {err}") from err
-            return rows, str(path)
-        data = json.loads(text)
-        if isinstance(data, dict):  # {"data": [...]} or {"test": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise ValueError(f"{path}: expected a list of rows or a dict holding exactly one list")
-            data = lists[0]
-        return list(data), str(path)
-    if path.suffix in (".json", ".jsonl") or str(source).startswith((".", "/", "~")):
-        raise MissingFileError(f"benchmark file not found: {path}")
-    import datasets  # lazily: only hub sources need it
-
-    dataset = datasets.load_dataset(str(source), name, split=split)
-    return [dict(row) for row in dataset], f"{source}[{split}]"
+    rows = [row for _, row in read_rows(source, key=str(source), split=split, name=name)]
+    return rows, str(path) if path.exists() else f"{source}[{split}]"
 
 
 def rows_to_problems(benchmark: str, rows: Iterable[Mapping[str, Any]], label: str = "<rows>") -> list[Problem]:
@@ -251,29 +254,89 @@ def to_prompt(
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
-@dataclass
 class MathBenchmark(GradedBenchmark):
-    """Data plus a grader: what the evaluation loop needs for one math benchmark."""
+    """A math benchmark: problems of one source schema, a prompt template, the math grader.
 
-    name: str
-    problems: list[Problem]
-    template: str | PromptTemplate = "qwen-boxed"
-    grader: MathGrader = field(default_factory=MathGrader)
+    Args:
+        schema: the source's schema, a key of ``BENCHMARKS`` (``math500``, ``minerva``, ``olympiadbench``,
+            ``aime24``, ``amc23``, ``gsm8k``).
+        source: a local file (or directory) or hub dataset id in that schema.
+        split: hub split.
+        subset: hub configuration name.
+        limit: the first ``limit`` problems only.
+        template: prompt template, a key of ``PROMPT_TEMPLATES`` (chat templates give chat messages, ``plain``
+            a raw ``Question: ... Answer:`` string that stops at the next ``Question:``).
+        numeric_rule: ``exact`` (default) or ``qwen``: how numeric answers compare (builds the default grader).
+        grader: a ``MathGrader`` of your own (then not ``numeric_rule``).
+        name: the label in metric names (default: ``schema``).
+        problems: ready problems instead of reading ``source``.
+    """
+
+    def __init__(
+        self, schema: str = "math500", source: str | Path | None = None, *, split: str = "test",
+        subset: str | None = None, limit: int | None = None, template: str | PromptTemplate = "qwen-boxed",
+        numeric_rule: NumericRule | None = None, grader: MathGrader | None = None, name: str | None = None,
+        problems: Sequence[Problem] | None = None,
+    ) -> None:
+        if numeric_rule is not None and grader is not None:
+            raise ValueError("pass numeric_rule or grader, not both (set it on the grader)")
+        where = f"benchmark {name or schema!r}"
+        if _ALIASES.get(schema, schema) not in BENCHMARKS:
+            raise UserError(f"{where}: unknown math schema {schema!r}; known: {', '.join(BENCHMARKS)}")
+        if isinstance(template, str) and template not in PROMPT_TEMPLATES:
+            raise UserError(f"{where}: unknown template {template!r}; known: {', '.join(PROMPT_TEMPLATES)}")
+        self.schema, self.source, self.split, self.subset, self.limit = schema, source, split, subset, limit
+        self.template = _template(template)
+        self.grader = grader or MathGrader(numeric_rule=numeric_rule or "exact")
+        self.name = name or schema
+        if problems is not None:
+            self.problems = problems
 
     @classmethod
     def load(
         cls, benchmark: str, source: str | Path, numeric_rule: NumericRule | None = None, **kwargs: Any
     ) -> MathBenchmark:
-        """Problems from ``source``; ``numeric_rule`` (``"exact"``/``"qwen"``) builds the default grader with it."""
-        load_args = {k: kwargs.pop(k) for k in ("split", "subset", "limit") if k in kwargs}
-        if numeric_rule is not None:
-            if "grader" in kwargs:
-                raise ValueError("pass numeric_rule or grader, not both (set it on the grader)")
-            kwargs["grader"] = MathGrader(numeric_rule=numeric_rule)
-        return cls(benchmark, load_math_benchmark(benchmark, source, **load_args), **kwargs)
+        """The benchmark with its problems read now (``kwargs``: the other constructor arguments)."""
+        bench = cls(benchmark, source, numeric_rule=numeric_rule, **kwargs)
+        bench.problems  # noqa: B018 - read now, so a bad source fails here
+        return bench
 
-    def prompts(self, apply_chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> list[str]:
+    def load_problems(self) -> list[Problem]:
+        if self.source is None:
+            raise UserError(f"benchmark {self.name!r}: set its source (a local file or hub id)")
+        return load_math_benchmark(self.schema, self.source, split=self.split, subset=self.subset, limit=self.limit)
+
+    def prompt(self, problem: Mapping[str, Any]) -> str | list[dict[str, str]]:
+        """Chat messages for chat templates (the engine applies the model's template), raw text for ``plain``."""
+        return to_messages(problem, self.template) if self.template.chat else to_prompt(problem, self.template)
+
+    def stop_sequences(self) -> Sequence[str]:
+        return () if self.template.chat else ("\nQuestion:",)  # a base model goes on with invented questions
+
+    def settings(self) -> dict[str, Any]:
+        return {"template": self.template.name, "numeric_rule": self.grader.numeric_rule}
+
+    def prompt_strings(self, apply_chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> list[str]:
+        """Every prompt as a string (chat templates through ``apply_chat_template``, or ChatML; see ``to_prompt``)."""
         return [to_prompt(p, self.template, apply_chat_template) for p in self.problems]
 
     def messages(self) -> list[list[dict[str, str]]]:
         return [to_messages(p, self.template) for p in self.problems]
+
+
+class GSM8KBenchmark(MathBenchmark):
+    """GSM8K (grade-school word problems) from a local file or hub id in its own schema (``question``, and an
+    ``answer`` whose worked solution ends in ``#### <number>``), graded on that number by the math grader.
+
+    Args: as ``MathBenchmark`` (no ``schema``); ``source`` defaults to the hub's ``openai/gsm8k`` (``subset``
+    ``main``, ``split`` ``test``: 1,319 problems).
+    """
+
+    def __init__(
+        self, source: str | Path = "openai/gsm8k", *, split: str = "test", subset: str | None = "main",
+        limit: int | None = None, template: str | PromptTemplate = "qwen-boxed",
+        numeric_rule: NumericRule | None = None, grader: MathGrader | None = None, name: str | None = None,
+        problems: Sequence[Problem] | None = None,
+    ) -> None:
+        super().__init__("gsm8k", source, split=split, subset=subset, limit=limit, template=template,
+                         numeric_rule=numeric_rule, grader=grader, name=name, problems=problems)

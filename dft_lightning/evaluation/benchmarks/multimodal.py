@@ -26,8 +26,9 @@ A problem is multiple-choice when its ``question_type`` field says so, or it has
 the options, or from option lines in the question ("A:", "(B)", "C."), else A-E. A multiple-choice reference
 that is not a letter is mapped to the option with the same text, or the problem is graded free-form (logged).
 Sources: a hub id (``datasets``, imported only then), a local ``.jsonl``/``.json``/``.parquet`` file, or a
-directory of such files (those whose name starts with the split, if any). Image paths are resolved against
-``image_root`` (default: the file's directory) and must exist (``check_images=False`` skips that).
+directory of such files (those whose name starts with the split, if any), read by ``dft_lightning.rows``. Image
+paths are resolved against ``image_root`` (default: the file's directory) and must exist (``check_images=False``
+skips that).
 
 Scoring is by rule (``graders.choice.ChoiceGrader``): the option letter extracted from the completion against the
 reference letter, free-form answers through the math grader. The papers' numbers usually come from a judge
@@ -41,15 +42,15 @@ import io
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dft_lightning.errors import MissingFileError
+from dft_lightning.errors import MissingFileError, UserError
 from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
-from dft_lightning.evaluation.benchmarks.math import load_rows
 from dft_lightning.evaluation.graders.choice import ChoiceGrader, normalize_choice, option_letters
 from dft_lightning.evaluation.graders.math import normalize_answer
+from dft_lightning.rows import looks_local, read_rows, row_files
 
 __all__ = [
     "MULTIMODAL_BENCHMARKS",
@@ -209,21 +210,12 @@ def load_image(ref: ImageRef):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _read_local(path: Path, split: str) -> tuple[list[dict], str]:
+def _read_local(path: Path, split: str, key: str) -> list[dict]:
+    """Rows of a file, or of a directory's files whose name starts with ``split`` (all of them when none does)."""
+    files = row_files(path, key)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
-        chosen = [p for p in files if re.match(rf"^{re.escape(split)}(?:[-_.]|$)", p.name)] or files
-        if not chosen:
-            raise MissingFileError(f"{path}: no .parquet/.jsonl/.json files")
-        rows: list[dict] = []
-        for file in chosen:
-            rows.extend(_read_local(file, split)[0])
-        return rows, str(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # lazily; installed with datasets
-
-        return pq.read_table(path).to_pylist(), str(path)
-    return load_rows(path)
+        files = [p for p in files if re.match(rf"^{re.escape(split)}(?:[-_.]|$)", p.name)] or files
+    return [row for file in files for _, row in read_rows(file, key=key)]
 
 
 def _to_problem(
@@ -304,13 +296,13 @@ def load_multimodal_benchmark(
     split = split or schema.split
     source = source or schema.hub_id
     path = Path(source).expanduser()
-    if path.exists():
-        rows, _ = _read_local(path, split)
+    if looks_local(source):
+        if not path.exists():
+            raise MissingFileError(f"benchmark file not found: {path}")
+        rows = _read_local(path, split, name)
         root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
     else:
-        if str(source).endswith((".json", ".jsonl", ".parquet")) or str(source).startswith((".", "/", "~")):
-            raise MissingFileError(f"benchmark file not found: {path}")
-        rows, _ = load_rows(str(source), split=split, name=subset or schema.subset)
+        rows = [row for _, row in read_rows(str(source), key=name, split=split, name=subset or schema.subset)]
         root = Path(image_root) if image_root is not None else None
     if limit is not None:
         rows = rows[:limit]
@@ -342,28 +334,64 @@ def prompt_text(problem: Mapping[str, Any], mc: str = MC_INSTRUCTION, free_form:
     return "\n".join(parts)
 
 
-@dataclass
 class MultimodalBenchmark(GradedBenchmark):
-    """Data plus a rule-based grader for one multimodal benchmark."""
+    """A multimodal benchmark: image + text chats, scored by rule.
 
-    name: str
-    problems: list[dict[str, Any]]
-    grader: ChoiceGrader = field(default_factory=ChoiceGrader)
-    mc_instruction: str = MC_INSTRUCTION
-    free_form_instruction: str = FREE_FORM_INSTRUCTION
-    group_keys: tuple[str, ...] = ()
+    Args:
+        benchmark: ``mathverse``, ``mathvision`` or ``wemath`` (the schema, see the module docstring).
+        source: a local file or directory, or a hub id (default: the benchmark's hub dataset).
+        split: the split (default: the benchmark's, e.g. MathVision ``test``).
+        subset: hub configuration name (default: the benchmark's).
+        limit: the first ``limit`` problems only.
+        fields: column names overriding the schema's (``{"question": "query_cot"}``).
+        image_root: where relative image paths resolve (default: the file's folder).
+        check_images: check that image files exist when reading.
+        grader: a ``ChoiceGrader`` of your own.
+        mc_instruction / free_form_instruction: the instruction after multiple-choice / free-form questions.
+        group_keys: problem (or ``meta``) fields to break scores down by (default: the benchmark's usual ones).
+        name: the label in metric names (default: ``benchmark``).
+        problems: ready problems instead of reading ``source``.
+    """
 
-    def __post_init__(self) -> None:
-        if not self.group_keys:  # how each benchmark is usually broken down (``evaluate`` reports these)
-            self.group_keys = GROUP_KEYS.get(self.name.lower().replace("-", "").replace("_", ""), ("question_type",))
+    def __init__(
+        self, benchmark: str, source: str | Path | None = None, *, split: str | None = None,
+        subset: str | None = None, limit: int | None = None, fields: Mapping[str, str | Sequence[str]] | None = None,
+        image_root: str | Path | None = None, check_images: bool = True, grader: ChoiceGrader | None = None,
+        mc_instruction: str = MC_INSTRUCTION, free_form_instruction: str = FREE_FORM_INSTRUCTION,
+        group_keys: Sequence[str] = (), name: str | None = None, problems: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        key = benchmark.lower().replace("-", "").replace("_", "")
+        if key not in SCHEMAS and problems is None:
+            raise UserError(f"benchmark {name or benchmark!r}: unknown multimodal benchmark {benchmark!r}; known: "
+                            f"{', '.join(SCHEMAS)}")
+        self.benchmark, self.name = benchmark, name or benchmark
+        self.source, self.split, self.subset, self.limit = source, split, subset, limit
+        self.fields, self.image_root, self.check_images = fields, image_root, check_images
+        self.grader = grader or ChoiceGrader()
+        self.mc_instruction, self.free_form_instruction = mc_instruction, free_form_instruction
+        # how each benchmark is usually broken down (``evaluate`` reports these)
+        self.group_keys = tuple(group_keys) or GROUP_KEYS.get(key, ("question_type",))
+        if problems is not None:
+            self.problems = problems
 
     @classmethod
     def load(cls, benchmark: str, source: str | Path | None = None, **kwargs: Any) -> MultimodalBenchmark:
-        """``kwargs``: loader arguments (``split``, ``subset``, ``limit``, ``fields``, ``image_root``,
-        ``check_images``), the rest go to the dataclass."""
-        names = ("split", "subset", "limit", "fields", "image_root", "check_images")
-        load_args = {k: kwargs.pop(k) for k in names if k in kwargs}
-        return cls(benchmark, load_multimodal_benchmark(benchmark, source, **load_args), **kwargs)
+        """The benchmark with its problems read now (``kwargs``: the other constructor arguments)."""
+        bench = cls(benchmark, source, **kwargs)
+        bench.problems  # noqa: B018 - read now, so a bad source fails here
+        return bench
+
+    def load_problems(self) -> list[dict[str, Any]]:
+        return load_multimodal_benchmark(self.benchmark, self.source, split=self.split, subset=self.subset,
+                                         limit=self.limit, fields=self.fields, image_root=self.image_root,
+                                         check_images=self.check_images)
+
+    def prompt(self, problem: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One user turn in the chat format of HF vision-language processors (Qwen2.5-VL):
+        ``{"type": "image", "image": ref}`` entries, then ``{"type": "text", "text": ...}``."""
+        text = prompt_text(problem, self.mc_instruction, self.free_form_instruction)
+        content = [*({"type": "image", "image": ref} for ref in problem["images"]), {"type": "text", "text": text}]
+        return [{"role": "user", "content": content}]
 
     def texts(self) -> list[str]:
         return [prompt_text(p, self.mc_instruction, self.free_form_instruction) for p in self.problems]
@@ -372,21 +400,8 @@ class MultimodalBenchmark(GradedBenchmark):
         return [list(p["images"]) for p in self.problems]
 
     def messages(self) -> list[list[dict[str, Any]]]:
-        """One user turn per problem in the chat format of HF vision-language processors (Qwen2.5-VL):
-        ``{"type": "image", "image": ref}`` entries, then ``{"type": "text", "text": ...}``."""
-        return [
-            [
-                {
-                    "role": "user",
-                    "content": [
-                        *({"type": "image", "image": ref} for ref in p["images"]),
-                        {"type": "text", "text": text},
-                    ],
-                }
-            ]
-            for p, text in zip(self.problems, self.texts(), strict=True)
-        ]
-
+        """Every problem's prompt (see ``prompt``)."""
+        return self.prompts()
 
     def breakdown(
         self, results: Sequence[Sequence[bool]], key: str | Callable[[Mapping[str, Any]], Any] = "question_type"

@@ -15,12 +15,17 @@ never graded as wrong: ``grade`` raises ``RunnerUnavailable``, and ``MultiPLEBen
 (``missing="raise"``) or sets those problems aside in ``skipped`` (``missing="skip"``, the default, logged as a
 warning) so ``summary`` reports, per language, the metrics of what ran and the count of what did not.
 
-Sources: a local ``.jsonl``/``.json`` file of rows, or a hub dataset id (``datasets`` is imported only then);
-for ``nuprl/MultiPL-E`` give ``languages=[...]`` and the configs ``humaneval-<lang>`` are read one by one.
+Sources: a local ``.jsonl``/``.json``/``.parquet`` file of rows, or a hub dataset id, read by
+``dft_lightning.rows``; for ``nuprl/MultiPL-E`` give ``languages=[...]`` and the configs ``humaneval-<lang>``
+are read one by one.
 
-Not handled: languages without a runner (``runners.RUNNERS`` lists them), chat-style prompts (MultiPL-E is
-completion-style: ``prompts()`` gives the raw prompts), and MultiPL-E's per-language output checks (its PHP
-and Perl evaluators also look for "PHP Parse error" / "ERROR" in the output; here exit code and marker decide).
+Prompts: ``prompt_style`` ``completion`` (MultiPL-E's raw prompts and stop tokens), ``chat`` (an instruction and
+the stub in the problem's language; the code is taken from the reply's fenced block and fitted to the stub before
+the stop tokens cut it, see ``benchmarks.code_chat``) or ``auto`` (default: ``chat`` for chat models).
+
+Not handled: languages without a runner (``runners.RUNNERS`` lists them), and MultiPL-E's per-language output
+checks (its PHP and Perl evaluators also look for "PHP Parse error" / "ERROR" in the output; here exit code and
+marker decide).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dft_lightning.evaluation.benchmarks.base import GradedBenchmark
-from dft_lightning.evaluation.benchmarks.math import load_rows
+from dft_lightning.evaluation.benchmarks.code import CodeBenchmark
+from dft_lightning.evaluation.benchmarks.code_chat import PromptStyle
 from dft_lightning.evaluation.metrics import summarize
 from dft_lightning.evaluation.runners import (
     RUNNERS,
@@ -51,6 +56,7 @@ from dft_lightning.evaluation.runners import (
     run_source,
 )
 from dft_lightning.evaluation.sandbox import Limits
+from dft_lightning.rows import looks_local, read_rows
 
 __all__ = [
     "MULTIPL_E_FIELDS",
@@ -120,16 +126,17 @@ def load_multipl_e(
     Problem ids must be unique.
     """
     wanted = [canonical_language(x) for x in languages] if languages is not None else None
-    is_local = Path(source).expanduser().exists() or str(source).endswith((".json", ".jsonl"))
-    if not is_local and subset is None and wanted:
-        batches = [load_rows(source, split=split, name=f"{dataset}-{lang}") for lang in wanted]
+    if not looks_local(source) and subset is None and wanted:
+        configs: list[str | None] = [f"{dataset}-{lang}" for lang in wanted]
     else:
-        batches = [load_rows(source, split=split, name=subset)]
+        configs = [subset]
     problems: list[dict[str, Any]] = []
     seen: set[str] = set()
     per_language: Counter[str] = Counter()
-    for rows, label in batches:
-        for index, row in enumerate(rows):
+    for config in configs:
+        rows = read_rows(source, key="multipl_e", split=split, name=config)
+        label = str(Path(source).expanduser()) if looks_local(source) else f"{source}[{config or split}]"
+        for index, (_, row) in enumerate(rows):
             problem = _to_problem(row, f"{label}: row {index}")
             language = problem["language"]
             if wanted is not None and language not in wanted:
@@ -213,10 +220,12 @@ class MultiPLEGrader:
             return exc
         return None
 
-    def check(self, problem: Mapping[str, Any], completion: str) -> MultiPLEGrade:
-        """Grade one completion, keeping the run. Raises ``RunnerUnavailable`` when the language cannot run."""
+    def check(self, problem: Mapping[str, Any], completion: str, truncate: bool | None = None) -> MultiPLEGrade:
+        """Grade one completion, keeping the run (``truncate``: cut at the stop tokens; default ``self.truncate``).
+        Raises ``RunnerUnavailable`` when the language cannot run."""
         runner = self.runner(problem)
-        text = truncate_at_stop(completion, problem["stop_tokens"]) if self.truncate else completion
+        cut = self.truncate if truncate is None else truncate
+        text = truncate_at_stop(completion, problem["stop_tokens"]) if cut else completion
         marker = f"DFT-PASS-{secrets.token_hex(16)}"
         source, placed = runner.program(problem["prompt"], text, problem["tests"], marker)
         limits = self.limits.get(runner.language)
@@ -231,9 +240,11 @@ class MultiPLEGrader:
         problems: Sequence[Mapping[str, Any]],
         completions: Sequence[str],
         details: list[MultiPLEGrade] | None = None,
+        truncate: Sequence[bool | None] | None = None,
     ) -> tuple[list[bool], MultiPLEStats]:
-        """``completions[i]`` against ``problems[i]``. Every language is checked before anything runs, so a missing
-        toolchain raises ``RunnerUnavailable`` instead of turning into failures."""
+        """``completions[i]`` against ``problems[i]`` (``truncate[i]``: see ``check``). Every language is checked
+        before anything runs, so a missing toolchain raises ``RunnerUnavailable`` instead of turning into
+        failures."""
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         checked: set[int] = set()
@@ -246,7 +257,7 @@ class MultiPLEGrader:
         started = time.monotonic()
         workers = max(1, self.workers or os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="multipl-e") as pool:
-            grades = list(pool.map(self.check, problems, completions))
+            grades = list(pool.map(self.check, problems, completions, truncate or [None] * len(problems)))
         stats = MultiPLEStats(items=len(grades), seconds=time.monotonic() - started)
         for problem, grade in zip(problems, grades, strict=True):
             status = grade.outcome.result.status
@@ -277,41 +288,71 @@ class SkippedLanguage:
     reason: str
 
 
-@dataclass
-class MultiPLEBenchmark(GradedBenchmark):
-    """Data plus a grader for MultiPL-E; ``skipped`` lists the languages that cannot run here."""
+class MultiPLEBenchmark(CodeBenchmark):
+    """MultiPL-E: problems in several languages, graded by each language's runner; ``skipped`` lists the
+    languages that cannot run here (filled when the problems are read).
 
-    problems: list[dict[str, Any]]
-    name: str = "multipl_e"
-    grader: MultiPLEGrader = field(default_factory=MultiPLEGrader)
-    skipped: dict[str, SkippedLanguage] = field(default_factory=dict)
+    Args:
+        source: a local file of MultiPL-E rows or a hub id (default ``nuprl/MultiPL-E``).
+        languages: the languages to run (local files: a filter; the hub: the configs ``<dataset>-<lang>``).
+        dataset: ``humaneval`` or ``mbpp`` (hub configs).
+        split: hub split.
+        subset: one hub configuration instead of ``languages``.
+        limit: the first ``limit`` problems *per language*.
+        missing: a language whose toolchain is missing: ``skip`` (counted in ``skipped``) or ``raise``.
+        prompt_style: ``completion``, ``chat`` or ``auto`` (see ``benchmarks.code_chat``).
+        grader: a ``MultiPLEGrader`` of your own (limits, runners, workers).
+        name: the label in metric names.
+        problems: ready problems instead of reading ``source`` (checked against the toolchains all the same).
+    """
+
+    name = "multipl_e"
+
+    def __init__(
+        self, source: str | Path = MULTIPL_E_HUB_ID, *, languages: Iterable[str] | None = None,
+        dataset: str = "humaneval", split: str = "test", subset: str | None = None, limit: int | None = None,
+        missing: Literal["skip", "raise"] = "skip", prompt_style: PromptStyle = "auto",
+        grader: MultiPLEGrader | None = None, name: str | None = None,
+        problems: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        if missing not in ("skip", "raise"):
+            raise ValueError(f"missing must be 'skip' or 'raise', got {missing!r}")
+        self.name = name or type(self).name
+        super().__init__(prompt_style)
+        self.source, self.languages_wanted = source or MULTIPL_E_HUB_ID, list(languages) if languages else None
+        self.dataset, self.split, self.subset, self.limit, self.missing = dataset, split, subset, limit, missing
+        self.grader = grader or MultiPLEGrader()
+        self.skipped: dict[str, SkippedLanguage] = {}
+        self._given = list(problems) if problems is not None else None
 
     @classmethod
-    def load(
-        cls,
-        source: str | Path = MULTIPL_E_HUB_ID,
-        *,
-        languages: Iterable[str] | None = None,
-        dataset: str = "humaneval",
-        split: str = "test",
-        subset: str | None = None,
-        limit: int | None = None,
-        missing: Literal["skip", "raise"] = "skip",
-        **kwargs: Any,
-    ) -> MultiPLEBenchmark:
-        """Load problems (see ``load_multipl_e``) and check every language here (see ``check_toolchains``)."""
-        problems = load_multipl_e(source, languages=languages, dataset=dataset, split=split, subset=subset, limit=limit)
-        benchmark = cls(problems, **kwargs)
-        benchmark.check_toolchains(missing)
-        return benchmark
+    def load(cls, source: str | Path = MULTIPL_E_HUB_ID, **kwargs: Any) -> MultiPLEBenchmark:
+        """The benchmark with its problems read and every language checked now (``kwargs``: the other constructor
+        arguments)."""
+        bench = cls(source, **kwargs)
+        bench.problems  # noqa: B018 - read now, so a bad source or (missing="raise") a missing toolchain fails here
+        return bench
+
+    def load_problems(self) -> list[dict[str, Any]]:
+        """The problems whose languages run here (see ``check_toolchains``)."""
+        if self._given is not None:
+            problems = self._given
+        else:
+            problems = load_multipl_e(self.source, languages=self.languages_wanted, dataset=self.dataset,
+                                      split=self.split, subset=self.subset, limit=self.limit)
+        return self._runnable(problems, self.missing)
 
     def check_toolchains(self, missing: Literal["skip", "raise"] = "skip") -> dict[str, SkippedLanguage]:
         """Probe what each problem needs. ``"raise"``: the first ``RunnerUnavailable``. ``"skip"``: problems that
         cannot run leave ``problems`` and are counted in ``skipped`` per language, with the missing tool."""
+        self.problems = self._runnable(self.problems, missing)
+        return self.skipped
+
+    def _runnable(self, problems: Sequence[dict[str, Any]], missing: str) -> list[dict[str, Any]]:
         if missing not in ("skip", "raise"):
             raise ValueError(f"missing must be 'skip' or 'raise', got {missing!r}")
         kept, dropped = [], {}
-        for problem in self.problems:
+        for problem in problems:
             reason = self.grader.unavailable(problem)
             if reason is None:
                 kept.append(problem)
@@ -324,25 +365,34 @@ class MultiPLEBenchmark(GradedBenchmark):
             count = len(reasons) + (previous.problems if previous else 0)
             self.skipped[language] = SkippedLanguage(language, count, reasons[0].tool, str(reasons[0]))
             logger.warning("%s: %d %s problem(s) skipped: %s", self.name, len(reasons), language, reasons[0])
-        self.problems = kept
-        return self.skipped
+        return kept
 
     @property
     def languages(self) -> list[str]:
         """Languages of the problems that will run, in first-seen order."""
         return list(dict.fromkeys(p["language"] for p in self.problems))
 
-    def prompts(self) -> list[str]:
-        """The raw prompts, for completion-style generation."""
-        return [p["prompt"] for p in self.problems]
+    def language(self, problem: Mapping[str, Any]) -> str:
+        return problem["language"]
 
-    def stop_sequences(self) -> list[str]:
-        """Stop tokens shared by every problem (safe to pass to the engine for the whole benchmark; grading cuts
-        each completion at its own problem's stop tokens anyway)."""
+    def stop_sequences(self) -> Sequence[str]:
+        """Completion style: the stop tokens shared by every problem (safe to pass to the engine for the whole
+        benchmark; grading cuts each completion at its own problem's stop tokens anyway). Chat: none."""
+        if self.style == "chat":
+            return ()
         sets = [set(p["stop_tokens"]) for p in self.problems]
         common = set.intersection(*sets) if sets else set()
         return [t for t in (self.problems[0]["stop_tokens"] if self.problems else []) if t in common]
 
+    def grade(self, problem: Mapping[str, Any], completion: str) -> bool:
+        return self.grade_batch([problem], [completion])[0][0]
+
+    def grade_batch(self, problems: Sequence[Any], completions: Sequence[str]) -> tuple[list[bool], MultiPLEStats]:
+        """Completion style: as the grader does. Chat: the code fitted to the stub; Python code (a whole definition
+        appended after the stub) is not cut at the stop tokens, the bodies of brace languages are."""
+        texts = [self.completion(p, c) for p, c in zip(problems, completions, strict=True)]
+        truncate = [p["language"] != "py" if self.style == "chat" else None for p in problems]
+        return self.grader.grade_batch(problems, texts, truncate=truncate)
 
     def summary(self, results: Sequence[Sequence[bool]], ks: Iterable[int] = (1,)) -> dict[str, Any]:
         """Metrics per language (``avg@n``, ``pass@k``, ``problems``) over the graded problems, and the skipped
