@@ -17,3 +17,7 @@ class PretrainedError(UserError, FileNotFoundError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or package the config names is not there (also a ``FileNotFoundError``)."""
+
+
+class StorageError(UserError, OSError):
+    """A write that failed (a full disk, no permission); the message names the path and what was kept."""

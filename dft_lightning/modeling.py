@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from dft_lightning import attention
 from dft_lightning.batch import MicroBatch
+from dft_lightning.errors import StorageError
+from dft_lightning.paths import replacing_dir
 from dft_lightning.pretrained import resolve_pretrained
 from dft_lightning.tokens import ReferenceStates, chunked_statistics
 
@@ -229,47 +231,51 @@ def export_hf(
     state = {k.removeprefix("lm."): v for k, v in full_state_dict(model).items()}
     if not is_rank_zero:
         return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    inner = hf_model(model.lm)
-    is_peft = inner is not model.lm
-    if is_peft and not merge_lora_weights:
-        from peft import get_peft_model_state_dict
+    final = Path(out_dir)
+    try:
+        with replacing_dir(final) as out:  # a half-written export never stands where a finished one is read
+            inner = hf_model(model.lm)
+            is_peft = inner is not model.lm
+            if is_peft and not merge_lora_weights:
+                from peft import get_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(model.lm, state_dict=state)
-        save_torch_state_dict(adapter, out, filename_pattern="adapter_model{suffix}.safetensors")
-        model.lm.peft_config["default"].save_pretrained(out)
-    else:
-        if is_peft:
-            scalings = {
-                name.removeprefix("lm."): float(m.scaling["default"])
-                for name, m in model.named_modules()
-                if hasattr(m, "scaling") and isinstance(getattr(m, "scaling", None), dict)
-            }
-            state = merge_lora({k: v for k, v in state.items()}, scalings)
-        if getattr(inner.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, out)
-        inner.config.save_pretrained(out)
-        if getattr(inner, "generation_config", None) is not None:
-            inner.generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    name = str(getattr(inner.config, "_name_or_path", "") or "")
-    if image_processor is not None:  # as trained: min_pixels / max_pixels of the data module
-        image_processor.save_pretrained(out)
-    elif (Path(name) / "preprocessor_config.json").is_file():  # vision-language models: keep the image processor
-        shutil.copy2(Path(name) / "preprocessor_config.json", out / "preprocessor_config.json")
-    elif name and getattr(inner.config, "vision_config", None) is not None:  # a hub id: its cached processor
-        from transformers import AutoImageProcessor
+                adapter = get_peft_model_state_dict(model.lm, state_dict=state)
+                save_torch_state_dict(adapter, out, filename_pattern="adapter_model{suffix}.safetensors")
+                model.lm.peft_config["default"].save_pretrained(out)
+            else:
+                if is_peft:
+                    scalings = {
+                        name.removeprefix("lm."): float(m.scaling["default"])
+                        for name, m in model.named_modules()
+                        if hasattr(m, "scaling") and isinstance(getattr(m, "scaling", None), dict)
+                    }
+                    state = merge_lora({k: v for k, v in state.items()}, scalings)
+                if getattr(inner.config, "tie_word_embeddings", False):
+                    state.pop("lm_head.weight", None)
+                save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, out)
+                inner.config.save_pretrained(out)
+                if getattr(inner, "generation_config", None) is not None:
+                    inner.generation_config.save_pretrained(out)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+            name = str(getattr(inner.config, "_name_or_path", "") or "")
+            if image_processor is not None:  # as trained: min_pixels / max_pixels of the data module
+                image_processor.save_pretrained(out)
+            elif (Path(name) / "preprocessor_config.json").is_file():  # vision-language: the base image processor
+                shutil.copy2(Path(name) / "preprocessor_config.json", out / "preprocessor_config.json")
+            elif name and getattr(inner.config, "vision_config", None) is not None:  # a hub id: its cached processor
+                from transformers import AutoImageProcessor
 
-        try:
-            AutoImageProcessor.from_pretrained(name).save_pretrained(out)
-        except (OSError, ValueError) as e:
-            warnings.warn(f"export to {out}: no image processor saved ({e}); image prompts will not load it",
-                          stacklevel=2)
-    (out / "dft_lightning.json").write_text(json.dumps({"merged_lora": is_peft and merge_lora_weights}) + "\n")
-    return out
+                try:
+                    AutoImageProcessor.from_pretrained(name).save_pretrained(out)
+                except (OSError, ValueError) as e:
+                    warnings.warn(f"export to {final}: no image processor saved ({e}); image prompts will not load it",
+                                  stacklevel=2)
+            (out / "dft_lightning.json").write_text(json.dumps({"merged_lora": is_peft and merge_lora_weights}) + "\n")
+    except OSError as e:
+        raise StorageError(f"HF export to {final} failed ({e.strerror or e}); any earlier export there is kept, "
+                           "and nothing partial was left") from e
+    return final
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

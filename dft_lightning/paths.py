@@ -37,3 +37,26 @@ def atomic_dir(target: Path) -> Iterator[Path | None]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def replacing_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target`` that replaces it on success.
+
+    A reader sees the previous directory or the complete new one, never a half-written one; when the
+    body raises (a crash, a full disk), ``target`` is left as it was and the temporary one is removed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -230,3 +230,35 @@ def test_a_skipped_step_leaves_parameters_optimizer_and_schedule_bit_identical_a
         assert later_optim.keys() == optim.keys()
         for key, state in optim.items():
             assert all(torch.equal(torch.as_tensor(later_optim[key][n]), torch.as_tensor(v)) for n, v in state.items())
+
+
+def test_a_failed_hf_export_leaves_the_previous_one_whole_and_names_the_path(tmp_path, monkeypatch):
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    from dft_lightning.errors import StorageError
+
+    module = FineTuneModule("tiny:qwen2")
+    module.configure_model()
+    out = module.export_hf(tmp_path / "hf" / "final")
+    before = sorted(p.name for p in out.iterdir())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", disk_full)
+    with torch.no_grad():
+        next(module.model.parameters()).add_(1.0)  # the failed export would have differed
+    with pytest.raises(StorageError, match=r"HF export to .*hf/final failed \(No space left on device\)"):
+        module.export_hf(tmp_path / "hf" / "final")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["final"]  # no half-written directory left
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    start = FineTuneModule("tiny:qwen2")
+    start.configure_model()
+    torch.testing.assert_close(next(reloaded.parameters()), next(start.model.lm.parameters()))
+    monkeypatch.undo()
+    module.export_hf(tmp_path / "hf" / "final")  # a later export replaces it whole
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["final"]
+    torch.testing.assert_close(next(AutoModelForCausalLM.from_pretrained(out).parameters()),
+                               next(module.model.lm.parameters()))
