@@ -12,7 +12,8 @@ computed (``on_train_token_stats``, see ``dft_lightning.step.TokenStatsHook``): 
 parallelism gathered from every rank), and after the step logs quantiles and bin shares to every logger
 (``token_probs/q50``, ``token_probs/share_0.9_1``, ...) and the histogram to W&B
 (``token_probs/histogram``), at the step whose forward produced them: the weights before that step's
-update, the same step as that step's ``train/nll``.
+update, the same step as that step's ``train/nll`` (after a skipped non-finite step the two step
+counters can differ by the number of skips).
 
 Not handled here: per-token-id analyses (``tools/token_probs.py`` does those), reference-model
 probabilities.
