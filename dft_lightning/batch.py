@@ -10,6 +10,10 @@ it needs (varlen kernels: ``cu_seqlens``; ``sdpa``: the spans; ``eager``: a mask
 ``MicroBatch.no_op`` builds the two-token micro-batch with nothing supervised that keeps ranks in
 lock-step when a packed step gives them different numbers of rows.
 
+Precomputed reference log-probs (``model.reference: precomputed:<file>``, ``dft_lightning.precomputed``)
+travel as ``ref_logp``, aligned with ``labels``: the value at ``[i, j]`` is the reference's log-prob of
+the target ``labels[i, j]``, zero where nothing is supervised.
+
 Not handled here: packing of image rows (the vision collator pads; ``data.packing`` raises there).
 """
 
@@ -39,6 +43,8 @@ class MicroBatch:
         segments: packed rows only: each row's run lengths, covering the row exactly.
         row_ids: the source row id of each record (``None`` for masked filler rows).
         extra_inputs: further decoder inputs (``pixel_values``, ``image_grid_thw``, ...).
+        ref_logp: float32 precomputed reference log-probs of the targets, aligned with ``labels``
+            (``None`` unless the rows carry them).
     """
 
     input_ids: Tensor
@@ -49,10 +55,11 @@ class MicroBatch:
     segments: list[list[int]] | None = None
     row_ids: list[Any] = field(default_factory=list)
     extra_inputs: dict[str, Tensor] = field(default_factory=dict)
+    ref_logp: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
-        for name in ("labels", "attention_mask", "sequence_ids", "position_ids"):
+        for name in ("labels", "attention_mask", "sequence_ids", "position_ids", "ref_logp"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"MicroBatch.{name} has shape {tuple(value.shape)}, input_ids {shape}")
@@ -97,6 +104,7 @@ class MicroBatch:
             input_ids=move(self.input_ids), labels=move(self.labels), attention_mask=move(self.attention_mask),
             sequence_ids=move(self.sequence_ids), position_ids=move(self.position_ids), segments=self.segments,
             row_ids=self.row_ids, extra_inputs={k: move(v) for k, v in self.extra_inputs.items()},
+            ref_logp=move(self.ref_logp),
         )
 
     @classmethod
@@ -107,4 +115,5 @@ class MicroBatch:
             input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), attention_mask=torch.ones_like(ids),
             sequence_ids=torch.zeros_like(ids), position_ids=torch.arange(2, device=ids.device)[None].clone(),
             segments=[[2]] if like.packed else None, row_ids=[None],
+            ref_logp=None if like.ref_logp is None else torch.zeros(ids.shape, device=ids.device),
         )

@@ -41,6 +41,7 @@ from dft_lightning.batch import MicroBatch
 from dft_lightning.errors import UserError
 from dft_lightning.objectives import SFT, Objective, TokenStats, build_objective, objective_spec
 from dft_lightning.objectives.base import known_requirements
+from dft_lightning.precomputed import PrecomputedReference, check_compatible, precomputed_path
 from dft_lightning.pretrained import load_tokenizer
 from dft_lightning.reference import ReferenceUpdate, Snapshot, paired_parameters
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
@@ -64,7 +65,9 @@ class FineTuneModule(L.LightningModule):
             fine-tuning when unset.
         gradient_checkpointing: recompute decoder activations in backward.
         reference: reference model for objectives that require one; default: the starting model
-            (with LoRA: the base model with adapters switched off, no copy).
+            (with LoRA: the base model with adapters switched off, no copy). ``precomputed:<file>``: its
+            target log-probs written once by ``tools/precompute_reference.py`` (``dft_lightning.precomputed``),
+            carried by the batches; no reference model is loaded or run.
         reference_update: how the reference follows the policy (``dft_lightning.reference.EMA`` or
             ``Snapshot``); default: it stays frozen. Not with LoRA.
         lr: peak learning rate (paper: 5e-5).
@@ -107,6 +110,9 @@ class FineTuneModule(L.LightningModule):
             raise UserError("model.reference_update with model.lora: a LoRA policy's reference is its base model "
                             "(adapters off), which does not move; drop one of the two")
         self.reference_update = reference_update
+        self._precomputed = precomputed_path(reference)  # model.reference: precomputed:<file>
+        if self._precomputed is not None:
+            check_compatible(self.objective, reference_update, reference)
         if isinstance(reference_update, Snapshot) and reference_update.every_n_steps == 1 and not lora:
             rank_zero_warn("model.reference_update: Snapshot(every_n_steps=1) refreshes the reference after every "
                            "step, so it equals the policy at each forward (ratio objectives reduce to SFT); take N > 1")
@@ -170,6 +176,8 @@ class FineTuneModule(L.LightningModule):
     def _needs_reference_model(self) -> bool:
         """A separate reference model is needed (with LoRA the base model is the policy with adapters off)."""
         hp = self.hparams
+        if self._precomputed is not None:
+            return False
         requires = self.objective.requires
         wants = "reference" in requires or any(STATISTICS[n].needs_reference for n in requires if n in STATISTICS)
         return wants and (hp.reference is not None or not hp.lora)
@@ -208,7 +216,9 @@ class FineTuneModule(L.LightningModule):
         options = getattr(self.objective, "statistic_options", None) or {}
         requested = {name: options.get(name, {}) for name in requires if name in STATISTICS}
         ref_logp = states = None
-        if "reference" in requires or any(STATISTICS[name].needs_reference for name in requested):
+        if self._precomputed is not None and "reference" in requires:
+            ref_logp = self._precomputed_logp(mb)
+        elif "reference" in requires or any(STATISTICS[name].needs_reference for name in requested):
             with torch.no_grad():
                 ref_logp, states = self._reference_pass(mb, with_states=any(
                     STATISTICS[name].needs_reference for name in requested), logp="reference" in requires)
@@ -218,6 +228,26 @@ class FineTuneModule(L.LightningModule):
             logp=logp, mask=mb.target_mask, sequence=mb.sequence_ids[:, 1:], num_tokens=num_tokens,
             ref_logp=ref_logp, entropy=entropy, targets=mb.labels[:, 1:], extra=out,
         )
+
+    def _precomputed_logp(self, mb: MicroBatch) -> Tensor:
+        """``[rows, time - 1]`` reference log-probs the batch carries (``model.reference: precomputed:<file>``)."""
+        if mb.ref_logp is None:
+            if mb.supervised_tokens() == 0:  # a no-op micro-batch
+                return torch.zeros(mb.target_mask.shape, device=mb.labels.device)
+            raise UserError(f"model.reference={self.hparams.reference}: rows {mb.row_ids[:3]} carry no precomputed "
+                            "reference log-probs (FineTuneModule.setup attaches them to the data module's rows; "
+                            "dataloaders passed without a ChatDataModule do not get them)")
+        return mb.ref_logp[:, 1:].float()
+
+    def setup(self, stage: str) -> None:
+        """With ``model.reference: precomputed:<file>``: attach its values to the data module's rows."""
+        if self._precomputed is None:
+            return
+        reference = PrecomputedReference.load(self._precomputed, self.hparams.reference)
+        trainer = getattr(self, "_trainer", None)
+        attached = reference.attach(getattr(trainer, "datamodule", None) if trainer is not None else None)
+        rank_zero_info(f"[dft_lightning] {reference.describe()}: attached to {attached} rows, no reference model "
+                       "is loaded")
 
     def _reference_pass(self, mb: MicroBatch, *, with_states: bool, logp: bool) -> tuple[Tensor | None, Any]:
         """The reference's log-probs and/or its final states (one forward); with LoRA the policy, adapters off."""
@@ -380,6 +410,9 @@ class FineTuneModule(L.LightningModule):
             checkpoint[CHECKPOINT_KEY]["reference"] = modeling.full_state_dict(self._reference)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from dft_lightning.config_checks import check_same_model
+
+        check_same_model(self, checkpoint, getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
         state = checkpoint.get(CHECKPOINT_KEY) or {}
         self._tokens_seen = int(state.get("tokens_seen", 0))
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
@@ -399,6 +432,8 @@ class FineTuneModule(L.LightningModule):
             return
         self.objective = build_objective(saved)
         _check_requirements(self.objective)
+        if self._precomputed is not None:
+            check_compatible(self.objective, self.reference_update, self.hparams.reference)
         self._setup_objective()
         self._objective_named = True
         rank_zero_info(f"[dft_lightning] objective {_describe(saved)} restored from the checkpoint")

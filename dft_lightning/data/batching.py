@@ -19,6 +19,10 @@ position ids restart at every record, ``sequence_ids`` name the record of each t
 keeps attention inside each record on every backend. The first token of every record is never a
 target.
 
+Rows that carry precomputed reference log-probs (``"ref_logp"``: one float per supervised target of
+``labels[1:]``, attached by ``dft_lightning.precomputed``) get them placed into ``MicroBatch.ref_logp``
+at their targets' positions, padded and packed alike.
+
 Not handled here: packing across optimizer steps (a step's records stay in that step).
 """
 
@@ -92,10 +96,35 @@ class StepDataset(torch.utils.data.Dataset):
         return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "row_id": None}
 
 
+def _reference_rows(rows: Sequence[dict[str, Any]], shape: tuple[int, int]) -> torch.Tensor | None:
+    """A zero ``ref_logp`` tensor when the rows carry precomputed reference log-probs (all or none of them)."""
+    carrying = ["ref_logp" in r for r in rows]
+    if not any(carrying):
+        return None
+    if not all(carrying):
+        missing = [r.get("row_id") for r in rows if "ref_logp" not in r][:3]
+        raise ValueError(f"rows {missing} have no precomputed reference log-probs, others in their micro-batch do")
+    return torch.zeros(shape, dtype=torch.float32)
+
+
+def _place_reference(ref: torch.Tensor, i: int, start: int, row: dict[str, Any], labels: torch.Tensor) -> None:
+    """Write ``row``'s precomputed values at its supervised targets (``labels[1:]``), from column ``start``."""
+    targets = labels[1:] != IGNORE_INDEX
+    if not bool(targets.any()):  # a masked filler row: nothing is read
+        return
+    values = torch.as_tensor(row["ref_logp"], dtype=torch.float32)
+    if values.numel() != int(targets.sum()):
+        raise ValueError(f"row {row.get('row_id')}: {values.numel()} precomputed reference log-probs for "
+                         f"{int(targets.sum())} supervised targets")
+    n = len(labels)
+    ref[i, start + 1 : start + n][targets] = values
+
+
 def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int, *, positions: bool = True) -> MicroBatch:
     """Right-pad rows into one micro-batch; ``positions=False`` leaves the position ids to the model."""
     width = max(len(r["input_ids"]) for r in rows)
     batch = len(rows)
+    ref = _reference_rows(rows, (batch, width))
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
@@ -106,10 +135,12 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_id: int, *, positions: bool = T
         labels[i, :n] = torch.tensor(r["labels"])
         attention[i, :n] = 1
         sequence[i, :n] = i
+        if ref is not None:
+            _place_reference(ref, i, 0, r, labels[i, :n])
     return MicroBatch(
         input_ids=input_ids, labels=labels, attention_mask=attention, sequence_ids=sequence,
         position_ids=torch.arange(width).expand(batch, width).clone() if positions else None,
-        row_ids=[r.get("row_id") for r in rows],
+        row_ids=[r.get("row_id") for r in rows], ref_logp=ref,
     )
 
 
@@ -141,6 +172,7 @@ def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> MicroBa
     attention = torch.zeros((batch, width), dtype=torch.long)
     sequence = torch.full((batch, width), -1, dtype=torch.long)
     positions = torch.zeros((batch, width), dtype=torch.long)
+    ref = _reference_rows([r for b in bins for r in b], (batch, width))
     row_ids, segments, record = [], [], 0
     for i, b in enumerate(bins):
         start, runs = 0, []
@@ -148,6 +180,8 @@ def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> MicroBa
             n = len(r["input_ids"])
             input_ids[i, start : start + n] = torch.tensor(r["input_ids"])
             labels[i, start : start + n] = torch.tensor(r["labels"])
+            if ref is not None:  # the record's own targets, labels[1:]: the first is never one
+                _place_reference(ref, i, start, r, labels[i, start : start + n])
             labels[i, start] = IGNORE_INDEX  # never predicted from the previous record's last token
             attention[i, start : start + n] = 1
             sequence[i, start : start + n] = record
@@ -160,7 +194,7 @@ def pad_packed(bins: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> MicroBa
         segments.append(runs + ([width - start] if start < width else []))  # the padding: a run of its own
     return MicroBatch(
         input_ids=input_ids, labels=labels, attention_mask=attention, sequence_ids=sequence,
-        position_ids=positions, segments=segments, row_ids=row_ids,
+        position_ids=positions, segments=segments, row_ids=row_ids, ref_logp=ref,
     )
 
 
