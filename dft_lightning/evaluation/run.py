@@ -77,7 +77,8 @@ class BenchmarkSpec:
             when unset; ``humaneval_plus`` / ``multipl_e`` / ``gsm8k`` / multimodal: their hub datasets when unset).
         limit: first ``limit`` problems only (given to the class when it takes ``limit``, as MultiPL-E's per
             language limit; otherwise the first problems are kept).
-        template: math only: the prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``plain``).
+        template: math only: the prompt template (``qwen-boxed``, ``qwen25-math-cot``, ``deepseek-math``,
+            ``llama-base-boxed``, ``plain``).
         n: samples per problem for this benchmark (default: the sampling's ``n``).
         max_tokens: generation budget for this benchmark (default: the sampling's).
         languages: ``multipl_e`` only: the languages to run (a missing toolchain is reported and its problems

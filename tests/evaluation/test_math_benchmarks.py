@@ -144,6 +144,27 @@ def test_prompt_templates() -> None:
         to_messages(problem, "nope")
 
 
+def test_harness_prompt_types_per_model_family() -> None:
+    """qwen-boxed (Qwen), deepseek-math (DeepSeekMath), llama-base-boxed (LLaMA base): texts and stop strings."""
+    from dft_lightning.evaluation.benchmarks.math import HARNESS_STOP
+
+    problem = {"id": "x", "question": "What is $1+{1}$?", "answer": "2"}
+    step = "Please reason step by step, and put your final answer within \\boxed{}."
+    assert to_prompt(problem, "qwen-boxed") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\nWhat is $1+{{1}}$?\n{step}<|im_end|>\n<|im_start|>assistant\n")
+    assert to_prompt(problem, "deepseek-math") == f"User: What is $1+{{1}}$?\n{step}\n\nAssistant:"
+    llama = to_prompt(problem, "llama-base-boxed")
+    assert llama.startswith("Question: What is $1+{1}$?\n") and llama.endswith("\nAnswer: Let's think step by step.")
+    for name in ("qwen-boxed", "deepseek-math", "llama-base-boxed"):
+        bench = MathBenchmark(name="toy", problems=[problem], template=name)
+        assert set(HARNESS_STOP) <= set(bench.stop_sequences()), name
+        assert isinstance(bench.prompts()[0], list) == (name == "qwen-boxed")  # raw strings for the base models
+        assert bench.settings()["template"] == name
+    assert "\n\nQuestion:" in MathBenchmark(problems=[problem], template="llama-base-boxed").stop_sequences()
+    assert MathBenchmark(problems=[problem], template="plain").stop_sequences() == ("\nQuestion:",)
+
+
 def test_benchmark_grades_nested_samples() -> None:
     problems = [{"id": "a", "question": "q", "answer": "2"}, {"id": "b", "question": "q", "answer": "0.5"}]
     bench = MathBenchmark(name="toy", problems=problems)

@@ -19,7 +19,9 @@ or a row missing a required field raises ``ValueError`` naming the file and row.
 ``MathBenchmark(schema, source, ...)`` is the benchmark class (short names ``math500``, ``minerva``,
 ``olympiadbench``, ``aime24``, ``amc23``); ``GSM8KBenchmark`` is the one for GSM8K (short name ``gsm8k``; default
 source the hub's ``openai/gsm8k``, configuration ``main``). Prompt templates are chosen by name
-(``PROMPT_TEMPLATES``): ``qwen-boxed``, ``qwen25-math-cot`` and ``plain``. ``to_messages`` gives chat messages;
+(``PROMPT_TEMPLATES``): ``qwen-boxed``, ``qwen25-math-cot``, ``deepseek-math``, ``llama-base-boxed`` and ``plain``
+(the first four are the prompt types of the Qwen2.5-Math evaluation harness that the DFT paper's evaluation uses,
+with the harness's stop strings). ``to_messages`` gives chat messages;
 ``to_prompt`` gives the raw string (through a tokenizer's chat template when one is passed). Not handled:
 few-shot prompts, OlympiadBench's ``context`` images or physics subsets, and answer units (the grader strips
 trailing ``\\text{}`` units, it does not convert them).
@@ -45,6 +47,7 @@ from dft_lightning.rows import read_rows
 
 __all__ = [
     "BENCHMARKS",
+    "HARNESS_STOP",
     "PROMPT_TEMPLATES",
     "GSM8KBenchmark",
     "MathBenchmark",
@@ -197,21 +200,38 @@ def load_math_benchmark(
 # -------------------------------------------------------------------------------------------------- prompts
 
 _STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
+#: the stop strings the Qwen2.5-Math harness gives every prompt type (EOS tokens of the model families it covers)
+HARNESS_STOP = ("</s>", "<|im_end|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a question becomes a prompt. ``user`` holds ``{question}``; ``chat=False`` means a raw prompt."""
+    """How a question becomes a prompt. ``user`` holds ``{question}``; ``chat=False`` means a raw prompt.
+
+    ``stop``: the engine's stop strings (``None``: none for chat templates, ``"\\nQuestion:"`` for raw ones)."""
 
     name: str
     user: str
     system: str | None = None
     chat: bool = True
+    stop: tuple[str, ...] | None = None
 
 
 PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
-    "qwen-boxed": PromptTemplate("qwen-boxed", "{question}\n" + _STEP_BY_STEP, system="You are a helpful assistant."),
-    "qwen25-math-cot": PromptTemplate("qwen25-math-cot", "{question}", system=_STEP_BY_STEP),
+    # Qwen models: the model's chat template, instruction in the user turn (the harness's qwen-boxed)
+    "qwen-boxed": PromptTemplate("qwen-boxed", "{question}\n" + _STEP_BY_STEP, system="You are a helpful assistant.",
+                                 stop=HARNESS_STOP),
+    # Qwen2.5-Math-Instruct: the instruction as the system turn
+    "qwen25-math-cot": PromptTemplate("qwen25-math-cot", "{question}", system=_STEP_BY_STEP, stop=HARNESS_STOP),
+    # DeepSeekMath base: its plain User/Assistant layout, no chat template
+    "deepseek-math": PromptTemplate("deepseek-math", "User: {question}\n" + _STEP_BY_STEP + "\n\nAssistant:",
+                                    chat=False, stop=HARNESS_STOP),
+    # LLaMA base models: zero-shot Question/Answer with the step-by-step cue (assumed: the DFT code names this
+    # prompt type, the public harness does not define it; so are the extra stops, Llama 3's EOS text and the
+    # next invented question)
+    "llama-base-boxed": PromptTemplate(
+        "llama-base-boxed", "Question: {question}\n" + _STEP_BY_STEP + "\nAnswer: Let's think step by step.",
+        chat=False, stop=(*HARNESS_STOP, "<|end_of_text|>", "\n\nQuestion:")),
     "plain": PromptTemplate("plain", "Question: {question}\nAnswer:", chat=False),
 }
 
@@ -265,7 +285,8 @@ class MathBenchmark(GradedBenchmark):
         subset: hub configuration name.
         limit: the first ``limit`` problems only.
         template: prompt template, a key of ``PROMPT_TEMPLATES`` (chat templates give chat messages, ``plain``
-            a raw ``Question: ... Answer:`` string that stops at the next ``Question:``).
+            a raw ``Question: ... Answer:`` string that stops at the next ``Question:``; ``deepseek-math`` and
+            ``llama-base-boxed`` raw strings for base models without a chat template).
         numeric_rule: ``exact`` (default) or ``qwen``: how numeric answers compare (builds the default grader).
         grader: a ``MathGrader`` of your own (then not ``numeric_rule``).
         name: the label in metric names (default: ``schema``).
@@ -311,6 +332,8 @@ class MathBenchmark(GradedBenchmark):
         return to_messages(problem, self.template) if self.template.chat else to_prompt(problem, self.template)
 
     def stop_sequences(self) -> Sequence[str]:
+        if self.template.stop is not None:
+            return self.template.stop
         return () if self.template.chat else ("\nQuestion:",)  # a base model goes on with invented questions
 
     def settings(self) -> dict[str, Any]:
