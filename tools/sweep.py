@@ -3,7 +3,7 @@
 The DFT paper's Figure 3 is two one-dimensional ablations, each for DFT and SFT: the learning rate
 (2e-4, 1e-4, 5e-5, 1e-5) and the batch size (32 to 256). Each is one sweep here::
 
-    python tools/sweep.py --config conf/paper/math_qwen25_math_1p5b_dft.yaml --out runs/sweep_lr \\
+    python tools/sweep.py --config conf/paper/base_math.yaml --out runs/sweep_lr \\
         --axis model.lr=2e-4,1e-4,5e-5,1e-5 \\
         --axis model.objective.class_path=dft_lightning.objectives.DFT,dft_lightning.objectives.SFT \\
         --metric eval/mean/avg --mode max
@@ -27,6 +27,9 @@ Results (``results.md``, ``results.csv``, ``results.png``): per point, the chose
 point by ``--mode`` marked; the plot has a line per axis (the metric against that axis, one line per
 combination of the other axes) and, when exactly two axes cross, a heatmap. ``--collect`` only rebuilds
 the results.
+
+The flags can live in a file, ``python tools/sweep.py @conf/paper/figure3_lr.sweep`` (shell words, any number per
+line, ``#`` comments; flags after it override its single-valued ones, e.g. ``--out``).
 
 Not handled here: random or Bayesian search, parallel local runs (use the SLURM array), runs whose
 loggers do not write under ``trainer.default_root_dir``.
@@ -438,9 +441,15 @@ def sweep(configs: Sequence[str], axes: dict[str, list[Any]], out: str | Path, o
     return {"points": points, "best": best, "figure": fig, "table": text}
 
 
+def args_file_line(line: str) -> list[str]:
+    """One line of an ``@file`` of arguments: shell words, ``#`` comments and blank lines ignored."""
+    return shlex.split(line, comments=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.convert_arg_line_to_args = args_file_line  # conf/paper/figure3_*.sweep: flags, one or more per line
     parser.add_argument("--config", action="append", help="base fit config(s), merged left to right")
     parser.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2,...", help="one sweep axis")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override, all points")
