@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dft_lightning import attention
 from dft_lightning.batch import MicroBatch
-from dft_lightning.errors import StorageError
+from dft_lightning.errors import StorageError, UserError
 from dft_lightning.paths import replacing_dir
 from dft_lightning.pretrained import resolve_pretrained
 from dft_lightning.tokens import ReferenceStates, chunked_statistics
@@ -53,7 +53,14 @@ def apply_lora(lm: nn.Module, lora: dict[str, Any]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
-    return get_peft_model(lm, config)
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as e:  # peft: target modules that match nothing (NoMatchingPeftModuleError)
+        if "not found in the base model" not in str(e):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"model.lora.target_modules={lora.get('target_modules')!r} match no module of "
+                        f"{type(lm).__name__}; its linear layers: {', '.join(linear)} (or 'all-linear')") from None
 
 
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")

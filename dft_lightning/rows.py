@@ -19,7 +19,7 @@ of ``WRAPPER_KEYS`` (``{"data": [...]}``, ``{"test": [...]}``; its other keys ar
 (``datasets``' ``to_json`` writes those); any file starting with ``[`` is read as one JSON array. Gzipped files
 (``.jsonl.gz``, ``.json.gz``, or any of them with gzip's magic bytes) are read the same. A directory means every
 such file below it, in sorted path order. Not handled: streaming datasets that do not fit in memory, remote
-files by URL, CSV.
+files by URL, CSV (a file of any other suffix is refused, naming it).
 """
 
 from __future__ import annotations
@@ -73,10 +73,14 @@ def looks_local(source: str | Path) -> bool:
 
 
 def row_files(path: Path, key: str) -> list[Path]:
-    """``path`` itself, or the row files below a directory in sorted order; ``DataError`` when there are none."""
+    """``path`` itself, or the row files below a directory in sorted order; ``DataError`` when there are none or
+    ``path`` is a file of another format."""
     if not path.exists():
         raise SourceNotFoundError(f"{key}: data file not found: {path}")
     if not path.is_dir():
+        if not is_row_file(path.name):
+            raise DataError(f"{key}: {path}: unknown data format ({''.join(path.suffixes) or 'no suffix'}); give "
+                            f"a {', '.join(LOCAL_SUFFIXES)} file or a directory of them")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and is_row_file(p.name))
     if not files:

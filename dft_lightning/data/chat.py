@@ -26,13 +26,36 @@ from dft_lightning.batch import IGNORE_INDEX
 from dft_lightning.errors import DataError
 
 ROLES = {"system", "user", "assistant"}
-FALLBACK_TEMPLATE = (  # for tokenizers without a chat template (base models)
+PLAIN_TEMPLATE = (  # data.chat_template: plain, for tokenizers without a chat template (base models)
     "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
     "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
     "{% else %}{{ 'Assistant:\n' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
+FALLBACK_TEMPLATE = PLAIN_TEMPLATE  # the name it had before
+
+
+def chat_template(tokenizer: Any, choice: str | None, *, what: str = "the tokenizer") -> str | None:
+    """The Jinja template to render chats with: ``None`` for the tokenizer's own (``choice`` unset), the plain
+    ``User:``/``Assistant:`` template for ``plain``, a ``.jinja`` file's text, or ``choice`` itself. A tokenizer
+    without a template of its own and no ``choice`` is a ``DataError``: there is no right guess for a base model's
+    turns, and a wrong one trains the model on turns it will never see."""
+    if choice is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{what} has no chat template: set data.chat_template to 'plain' (User: / Assistant: "
+                            "turns, for base models), a Jinja template or a .jinja file")
+        return None
+    if choice == "plain":
+        return PLAIN_TEMPLATE
+    if choice.endswith(".jinja"):
+        from pathlib import Path
+
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.chat_template={choice}: no such file")
+        return path.read_text()
+    return choice
 
 
 class DropRow(Exception):
@@ -160,7 +183,7 @@ def to_messages(
 class ChatEncoder:
     """Renders chats with a tokenizer's template and marks the supervised (assistant) tokens."""
 
-    def __init__(self, tokenizer: Any, max_length: int, overlong: str = "drop") -> None:
+    def __init__(self, tokenizer: Any, max_length: int, overlong: str = "drop", template: str | None = None) -> None:
         if overlong not in ("drop", "truncate"):
             raise DataError(f"data.overlong must be 'drop' or 'truncate', got {overlong!r}")
         if not getattr(tokenizer, "is_fast", False):
@@ -168,7 +191,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.overlong = overlong
-        self.template = None if tokenizer.chat_template else FALLBACK_TEMPLATE
+        self.template = template if template is not None else None if tokenizer.chat_template else PLAIN_TEMPLATE
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -147,6 +147,7 @@ class CodeDataModule(ChatDataModule):
         pack_length: tokens per packed row (default ``max_length``).
         cache: keep the tokenised rows on disk and read them back on the next run with the same source,
             tokenizer and settings (``dft_lightning.data.cache``).
+        chat_template: as ``ChatDataModule``'s (``plain`` for a base model's tokenizer without one).
     """
 
     def __init__(
@@ -157,6 +158,7 @@ class CodeDataModule(ChatDataModule):
         max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
         micro_batch_size: int = 4, seed: int = 42, strict: bool = False, num_workers: int = 0,
         packing: bool = False, pack_length: int | None = None, cache: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         if num_samples is not None and num_samples < 1:
             raise DataError(f"data.num_samples must be positive, got {num_samples}")
@@ -168,6 +170,7 @@ class CodeDataModule(ChatDataModule):
             max_length=max_length, overlong=overlong, batch_size=batch_size, micro_batch_size=micro_batch_size,
             max_samples=num_samples, seed=seed, strict=strict, num_workers=num_workers, packing=packing,
             pack_length=pack_length, cache=cache,
+            chat_template=chat_template,
         )
         self.fields = fields or FeedbackFields()
         self.aspects = list(aspects) if aspects is not None else None

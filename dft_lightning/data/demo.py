@@ -34,7 +34,7 @@ class DemoMathDataModule(ChatDataModule):
         tokenizer: str | None = None, prompt_template: str = BOXED_INSTRUCTION, max_length: int = 512,
         overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 16, micro_batch_size: int = 4,
         seed: int = 42, num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
-        cache: bool = True,
+        cache: bool = True, chat_template: str | None = None,
     ) -> None:
         from dft_lightning.paths import cache_root
 
@@ -44,6 +44,7 @@ class DemoMathDataModule(ChatDataModule):
             fields=FieldMap(prompt="problem", response="solution"), prompt_template=prompt_template,
             max_length=max_length, overlong=overlong, batch_size=batch_size, micro_batch_size=micro_batch_size,
             seed=seed, num_workers=num_workers, packing=packing, pack_length=pack_length, cache=cache,
+            chat_template=chat_template,
         )
         self.root, self.num_train, self.num_test, self.generation_seed = root, num_train, num_test, generation_seed
 

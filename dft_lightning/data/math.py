@@ -116,6 +116,7 @@ class MathDataModule(ChatDataModule):
         pack_length: tokens per packed row (default ``max_length``).
         cache: keep the tokenised rows on disk and read them back on the next run with the same source,
             tokenizer and settings (``dft_lightning.data.cache``).
+        chat_template: as ``ChatDataModule``'s (``plain`` for a base model's tokenizer without one).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class MathDataModule(ChatDataModule):
         system_prompt: str | None = None, max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop",
         batch_size: int = 256, micro_batch_size: int = 4, seed: int = 42, strict: bool = False,
         num_workers: int = 0, packing: bool = False, pack_length: int | None = None, cache: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         if source_format not in FORMAT_FIELDS:
             raise DataError(f"data.source_format must be one of {sorted(FORMAT_FIELDS)}, got {source_format!r}")
@@ -140,6 +142,7 @@ class MathDataModule(ChatDataModule):
             val_fraction=val_fraction, system_prompt=system_prompt, max_length=max_length, overlong=overlong,
             batch_size=batch_size, micro_batch_size=micro_batch_size, max_samples=num_samples, seed=seed,
             strict=strict, num_workers=num_workers, packing=packing, pack_length=pack_length, cache=cache,
+            chat_template=chat_template,
         )
         self.source_format, self.prompt_style, self.max_trace_tokens = source_format, prompt_style, max_trace_tokens
         self.fields = fields or MathFields()  # named by the base class's "field missing everywhere" error

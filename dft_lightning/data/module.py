@@ -24,7 +24,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from dft_lightning.data.batching import PackedStepCollator, StepBatchSampler, StepCollator, StepDataset
-from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
+from dft_lightning.data.chat import (
+    IGNORE_INDEX,
+    ChatEncoder,
+    DataReport,
+    DropRow,
+    FieldMap,
+    chat_template,
+    to_messages,
+)
 from dft_lightning.errors import DataError
 from dft_lightning.rows import BadRow, iter_rows
 
@@ -57,6 +65,9 @@ class ChatDataModule(L.LightningDataModule):
         pack_length: tokens per packed row (default ``max_length``).
         cache: keep the tokenised rows on disk (``$DFT_LIGHTNING_CACHE/tokenised``) and read them back when
             the source, tokenizer and settings are the same (``dft_lightning.data.cache`` says what counts).
+        chat_template: how chats are rendered: unset, the tokenizer's own template (a tokenizer without one is
+            an error); ``plain`` (``User:`` / ``Assistant:`` turns, for base models); a Jinja template; a
+            ``.jinja`` file.
     """
 
     cacheable = True  # rows are input_ids / labels / row_id only
@@ -69,6 +80,7 @@ class ChatDataModule(L.LightningDataModule):
         max_length: int = 2048, overlong: Literal["drop", "truncate"] = "drop", batch_size: int = 256,
         micro_batch_size: int = 4, max_samples: int | None = None, seed: int = 42, strict: bool = False,
         num_workers: int = 0, packing: bool = False, pack_length: int | None = None, cache: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         if micro_batch_size < 1 or batch_size < 1:
@@ -84,7 +96,7 @@ class ChatDataModule(L.LightningDataModule):
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.max_samples, self.seed, self.strict, self.num_workers = max_samples, seed, strict, num_workers
         self.packing, self.pack_length = packing, pack_length or max_length
-        self.cache = cache
+        self.cache, self.chat_template = cache, chat_template
         if self.packing and self.pack_length < max_length:
             raise DataError(f"data.pack_length={pack_length} is shorter than data.max_length={max_length}")
         self.tokenizer: Any = None
@@ -174,7 +186,8 @@ class ChatDataModule(L.LightningDataModule):
                            f"{report.source_rows} rows are usable")
 
     def make_encoder(self) -> ChatEncoder:
-        return ChatEncoder(self.tokenizer, self.max_length, self.overlong)
+        template = chat_template(self.tokenizer, self.chat_template, what=f"data.tokenizer={self.tokenizer_spec}")
+        return ChatEncoder(self.tokenizer, self.max_length, self.overlong, template)
 
     def encode_row(self, encoder: ChatEncoder, row: Any) -> tuple[dict[str, Any], bool]:
         """One raw row -> (``{"input_ids", "labels", ...}``, truncated); raises ``DropRow``."""
