@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -68,7 +69,12 @@ from offline_rl_store import (  # noqa: E402
 
 from dft_lightning.errors import UserError  # noqa: E402
 from dft_lightning.evaluation.benchmarks.math import PROMPT_TEMPLATES, MathBenchmark  # noqa: E402
-from dft_lightning.evaluation.engines import HFEngine, SamplingParams, VLLMEngine  # noqa: E402
+from dft_lightning.evaluation.engines import (  # noqa: E402
+    HFEngine,
+    SamplingParams,
+    VLLMEngine,
+    VLLMUnavailableError,
+)
 from dft_lightning.evaluation.graders.math import MathGrader, extract_boxed  # noqa: E402
 from dft_lightning.rows import BadRow, iter_rows  # noqa: E402
 
@@ -150,15 +156,14 @@ def to_question(index: int, name: str, row: Any, args: argparse.Namespace) -> Qu
 
 def read_questions(args: argparse.Namespace) -> list[Question | Skip]:
     """The selected rows (all, the first ``--limit``, or ``--sample`` at random), as questions or skips."""
-    rows = list(iter_rows(args.data, key="--data", split=args.split, name=args.subset))
-    indices = list(range(len(rows)))
-    if args.limit is not None:
-        indices = indices[: args.limit]
+    rows = iter_rows(args.data, key="--data", split=args.split, name=args.subset)
+    # converted while reading: only the question and its answer stay in memory, not the rows' other fields
+    items = [to_question(i, name, row, args) for i, (name, row) in enumerate(itertools.islice(rows, args.limit))]
     if args.sample is not None:
-        if args.sample > len(indices):
-            raise UserError(f"--sample {args.sample}: the data has only {len(indices)} rows")
-        indices = sorted(random.Random(args.data_seed).sample(indices, args.sample))
-    return [to_question(i, rows[i][0], rows[i][1], args) for i in indices]
+        if args.sample > len(items):
+            raise UserError(f"--sample {args.sample}: the data has only {len(items)} rows")
+        items = [items[i] for i in sorted(random.Random(args.data_seed).sample(range(len(items)), args.sample))]
+    return items
 
 
 def digest(items: Sequence[Question | Skip]) -> str:
@@ -442,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, StoreError) as e:
+    except (UserError, StoreError, VLLMUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

