@@ -25,7 +25,8 @@ KEYS = [
     "padding_efficiency_packed", "padding_efficiency_padded", "padding_efficiency_unsorted", "tokens_per_s_packed",
     "tokens_per_s_padded", "tokens_per_s_unsorted", "packing_speedup", "packing_speedup_grouped",
     "packing_varlen_speedup", "fit_tokens_per_s", "dftsequence_sft_step_ratio", "probpower_sft_step_ratio",
-    "chord_sft_step_ratio", "focal_sft_step_ratio", "sadft_sft_step_ratio",
+    "chord_sft_step_ratio", "focal_sft_step_ratio", "sadft_sft_step_ratio", "iwsft_precomputed_live_step_ratio",
+    "iwsft_precomputed_sft_step_ratio",
 ]
 
 

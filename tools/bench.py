@@ -4,7 +4,9 @@ Everything is measured side by side in one run on the machine at hand:
 
 1. ``dft``: DFT / SFT step time on the same model and micro-batch, through the module's own path
    (``FineTuneModule.token_stats`` + objective + ``backward``), repetitions interleaved, median ratio.
-2. ``iwsft``: iw-SFT / SFT step time, the frozen reference model's forward included.
+2. ``iwsft``: iw-SFT / SFT step time, the frozen reference model's forward included; and iw-SFT with
+   precomputed reference log-probs (``model.reference: precomputed:<file>``, no reference forward)
+   against the live-reference step and against SFT.
 3. ``memory``: peak memory of the loss path alone (hidden states ``[tokens, hidden]`` and output
    weight ``[vocab, hidden]`` -> per-token statistics -> objective -> backward), chunked
    (``dft_lightning.tokens.token_statistics``) over naive (full logits, ``log_softmax`` and

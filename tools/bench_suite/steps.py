@@ -47,10 +47,19 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     warmup, reps = (1, 5) if args.quick else (2, args.reps)
     section = Section("objective step time")
     torch.manual_seed(0)
+    precomputed = None
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         data = DemoMathDataModule(num_train=32, num_test=4, tokenizer=model, batch_size=16, micro_batch_size=4,
                                   data_dir=tmp)
         data.setup("fit")
+        if "iwsft" in which:  # the reference's log-probs of these rows, written and attached as training does
+            from dft_lightning.precomputed import PrecomputedReference, precompute
+
+            path = precompute(data, model, Path(tmp) / "reference.pt", device=device, progress=False)
+            PrecomputedReference.load(path).attach(data)
+            precomputed = FineTuneModule(model, objective=IWSFT(), reference=f"precomputed:{path}")
+            precomputed.configure_model()
+            precomputed.to(device)
         step = next(iter(data.train_dataloader()))
     batch = [_to(step[0], device)]  # the step's longest micro-batch (rows are sorted by length)
     module = FineTuneModule(model, objective=IWSFT() if "iwsft" in which else SFT())
@@ -61,6 +70,8 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
         objectives["dft"] = DFT()
     if "iwsft" in which:
         objectives["iwsft"] = IWSFT()
+        objectives["iwsft_precomputed"] = IWSFT()  # on the module without a reference model
+    runs_on = {name: precomputed if name == "iwsft_precomputed" else module for name in objectives}
     params = sum(p.numel() for p in module.model.parameters())
     rows, width = batch[0].input_ids.shape
     section.settings.append(
@@ -74,14 +85,14 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     for rep in range(warmup + reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
-            elapsed = _timed_step(module, batch, objectives[name], device)
+            elapsed = _timed_step(runs_on[name], batch, objectives[name], device)
             if rep >= warmup:
                 times[name].append(elapsed)
     for name in names:
         print(f"  {name:>6}: median {statistics.median(times[name]) * 1e3:8.1f} ms per step "
               f"(min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f})")
     goal = "<= 1.02 at full sizes (quick sizes here)" if args.quick else "<= 1.02"
-    for name in names[1:]:
+    for name in [n for n in names[1:] if n != "iwsft_precomputed"]:
         ratios = [a / b for a, b in zip(times[name], times["sft"], strict=True)]
         ratio = statistics.median(ratios)
         low, high = _quartiles(ratios)
@@ -93,6 +104,15 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
             f"{name} {statistics.median(times[name]) * 1e3:.0f} ms)",
             "report (machine noise: see the IQR)" if name == "dft" else "report (reference forward included)",
         ))
+    if precomputed is not None:
+        section.results += _precomputed_rows(times, goal="<= 1.05 at full sizes (quick sizes here)" if args.quick
+                                             else "<= 1.05", quick=args.quick)
+        section.settings.append(
+            "precomputed reference: the same rows' reference log-probs written by dft_lightning.precomputed.precompute "
+            "(the starting model, float32), attached to the data module's rows and carried by the micro-batch; "
+            "iw-SFT then runs on a module that loads no reference model (model.reference=precomputed:<file>)"
+        )
+        del precomputed
     if "dft" in objectives:
         # DFT requires no extra statistic, so its forward and the backward through the model are SFT's own code;
         # it differs only in the objective applied to the [rows, time] log-probs. Timing that part alone, many
@@ -122,6 +142,24 @@ def bench_objectives(args: argparse.Namespace, which: set[str], device: torch.de
     del module
     gc.collect()
     return section
+
+
+def _precomputed_rows(times: dict[str, list[float]], goal: str, quick: bool) -> list[Result]:
+    """iw-SFT with precomputed reference log-probs against the live reference and against SFT."""
+    rows = []
+    for key, label, base, row_goal in (
+        ("iwsft_precomputed_live_step_ratio", "precomputed-reference iw-SFT step / live-reference step", "iwsft",
+         "report (< 1: the reference forward saved)"),
+        ("iwsft_precomputed_sft_step_ratio", "iw-SFT (precomputed reference) step / SFT step", "sft", goal),
+    ):
+        ratios = [a / b for a, b in zip(times["iwsft_precomputed"], times[base], strict=True)]
+        ratio = statistics.median(ratios)
+        low, high = _quartiles(ratios)
+        met = None if quick or base != "sft" else _goal(ratio, 1.05, at_most=True)
+        rows.append(Result(key, label, ratio, f"{ratio:.3f} (IQR {low:.3f}-{high:.3f}; {base} "
+                           f"{statistics.median(times[base]) * 1e3:.0f} ms, precomputed "
+                           f"{statistics.median(times['iwsft_precomputed']) * 1e3:.0f} ms)", row_goal, met))
+    return rows
 
 
 def _zoo(module: Any) -> dict[str, Objective]:
