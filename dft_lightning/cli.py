@@ -9,7 +9,9 @@ found (``WANDB_MODE`` always wins). The progress bar is Rich's on a terminal and
 ``PlainProgressBar`` (one plain line every 10 steps, for batch logs; add it to ``trainer.callbacks``
 with ``every_n_steps`` to change that); a progress bar in ``trainer.callbacks`` replaces it and
 ``trainer.enable_progress_bar: false`` turns it off. Problems in the user's config or data end the run
-with a one-line ``error:`` message instead of a traceback.
+with a one-line ``error:`` message instead of a traceback. Checkpoints are written beside their target
+and renamed into place (``dft_lightning.checkpointing``: the trainer class and the default checkpoint
+plugin); SIGTERM and SLURM's requeue signal save one and stop (``dft_lightning.preemption``).
 
 ``python -m dft_lightning evaluate`` is dispatched to ``dft_lightning.evaluation.run``.
 
@@ -29,9 +31,11 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from dft_lightning.callbacks import HFExport, PlainProgressBar
+from dft_lightning.checkpointing import AtomicCheckpointIO, Trainer
 from dft_lightning.data.module import ChatDataModule
 from dft_lightning.errors import UserError
 from dft_lightning.module import FineTuneModule
+from dft_lightning.preemption import Preemption
 
 
 def _wandb_credentials() -> bool:
@@ -65,14 +69,22 @@ class DFTLightningCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The trainer, with the default progress bar unless the config switches bars off or brings its own."""
+        """The trainer, with the default progress bar unless the config switches bars off or brings its own,
+        the pre-emption callback and, unless the config names a checkpoint plugin, ``AtomicCheckpointIO``."""
+        from lightning.fabric.plugins import CheckpointIO
         from lightning.pytorch.callbacks import ProgressBar
 
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, _progress_bar()]
+            callbacks = kwargs["callbacks"] = [*callbacks, _progress_bar()]
+        if not any(isinstance(c, Preemption) for c in callbacks):  # SIGTERM / SLURM requeue: save, then stop
+            kwargs["callbacks"] = [*callbacks, Preemption()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written beside, then renamed
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -90,6 +102,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCL
     return DFTLightningCLI(
         FineTuneModule,
         ChatDataModule,
+        trainer_class=Trainer,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf+"},
