@@ -14,6 +14,9 @@ Precomputed reference log-probs (``model.reference: precomputed:<file>``, ``dft_
 travel as ``ref_logp``, aligned with ``labels``: the value at ``[i, j]`` is the reference's log-prob of
 the target ``labels[i, j]``, zero where nothing is supervised.
 
+Pairwise data (``dft_lightning.data.pairs``: a preferred and a dispreferred response to one prompt) travels
+as ``pairs``: ``[num_pairs, 2]`` sequence ids, ``(chosen, rejected)`` per pair, both in this micro-batch.
+
 Not handled here: packing of image rows (the vision collator pads; ``data.packing`` raises there).
 """
 
@@ -45,6 +48,8 @@ class MicroBatch:
         extra_inputs: further decoder inputs (``pixel_values``, ``image_grid_thw``, ...).
         ref_logp: float32 precomputed reference log-probs of the targets, aligned with ``labels``
             (``None`` unless the rows carry them).
+        pairs: pairwise data only: ``[num_pairs, 2]`` long, the ``sequence_ids`` of each pair's chosen and
+            rejected record (``None`` for other data; masked filler records are in no pair).
     """
 
     input_ids: Tensor
@@ -56,6 +61,7 @@ class MicroBatch:
     row_ids: list[Any] = field(default_factory=list)
     extra_inputs: dict[str, Tensor] = field(default_factory=dict)
     ref_logp: Tensor | None = None
+    pairs: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
@@ -66,6 +72,8 @@ class MicroBatch:
         if self.segments is not None:
             if len(self.segments) != shape[0] or any(sum(row) != shape[1] for row in self.segments):
                 raise ValueError(f"MicroBatch.segments {self.segments} do not cover rows of shape {shape}")
+        if self.pairs is not None and (self.pairs.ndim != 2 or self.pairs.shape[1] != 2):
+            raise ValueError(f"MicroBatch.pairs has shape {tuple(self.pairs.shape)}, expected [num_pairs, 2]")
 
     @property
     def packed(self) -> bool:
@@ -79,6 +87,10 @@ class MicroBatch:
 
     def supervised_tokens(self) -> int:
         return int(self.target_mask.sum())
+
+    def num_pairs(self) -> int:
+        """Chosen/rejected pairs in this micro-batch (0 for data that is not pairwise)."""
+        return 0 if self.pairs is None else int(self.pairs.shape[0])
 
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
@@ -104,7 +116,7 @@ class MicroBatch:
             input_ids=move(self.input_ids), labels=move(self.labels), attention_mask=move(self.attention_mask),
             sequence_ids=move(self.sequence_ids), position_ids=move(self.position_ids), segments=self.segments,
             row_ids=self.row_ids, extra_inputs={k: move(v) for k, v in self.extra_inputs.items()},
-            ref_logp=move(self.ref_logp),
+            ref_logp=move(self.ref_logp), pairs=move(self.pairs),
         )
 
     @classmethod
@@ -116,4 +128,5 @@ class MicroBatch:
             sequence_ids=torch.zeros_like(ids), position_ids=torch.arange(2, device=ids.device)[None].clone(),
             segments=[[2]] if like.packed else None, row_ids=[None],
             ref_logp=None if like.ref_logp is None else torch.zeros(ids.shape, device=ids.device),
+            pairs=None if like.pairs is None else torch.zeros((0, 2), dtype=torch.long, device=ids.device),
         )

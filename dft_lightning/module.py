@@ -210,7 +210,7 @@ class FineTuneModule(L.LightningModule):
         )
 
     # -- statistics and loss -------------------------------------------------------------------
-    def token_stats(self, mb: MicroBatch, num_tokens: Tensor) -> TokenStats:
+    def token_stats(self, mb: MicroBatch, num_tokens: Tensor, num_pairs: Tensor | None = None) -> TokenStats:
         assert self.model is not None
         requires = self.objective.requires
         options = getattr(self.objective, "statistic_options", None) or {}
@@ -226,7 +226,8 @@ class FineTuneModule(L.LightningModule):
         logp, entropy = out.pop("logp"), out.pop("entropy", None)
         return TokenStats(
             logp=logp, mask=mb.target_mask, sequence=mb.sequence_ids[:, 1:], num_tokens=num_tokens,
-            ref_logp=ref_logp, entropy=entropy, targets=mb.labels[:, 1:], extra=out,
+            ref_logp=ref_logp, entropy=entropy, targets=mb.labels[:, 1:], extra=out, pairs=mb.pairs,
+            num_pairs=num_pairs,
         )
 
     def _precomputed_logp(self, mb: MicroBatch) -> Tensor:
@@ -291,12 +292,12 @@ class FineTuneModule(L.LightningModule):
         started = self._step_started or time.perf_counter()
         batch = self._equalise_micro_batches(batch)
         local_tokens = supervised_counts(batch, self.device)
-        num_tokens = self._all_reduce(local_tokens.sum()).clamp_min(1)
+        num_tokens, num_pairs = self._step_counts(batch, local_tokens)
         hooks = [cb for cb in self.trainer.callbacks if isinstance(cb, TokenStatsHook)]
         metrics = StepMetrics()
         for i, mb in enumerate(batch):
             with self._sync_context(last=i == len(batch) - 1):
-                stats = self.token_stats(mb, num_tokens)
+                stats = self.token_stats(mb, num_tokens, num_pairs)
                 out = self.objective(stats)
                 self.manual_backward(out.loss * self.trainer.world_size)  # ranks' gradients are averaged
             metrics.add("train/loss", out.loss)
@@ -325,6 +326,15 @@ class FineTuneModule(L.LightningModule):
         self.log_dict({k: v.detach().float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=1)
         self.log("loss", logs["train/loss"].detach().float().cpu(), prog_bar=True, logger=False, batch_size=1)
+
+    def _step_counts(self, batch: list[MicroBatch], local_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The step's supervised tokens and, for pairwise data (``MicroBatch.pairs``), its pairs, over all ranks
+        (one collective either way)."""
+        if all(mb.pairs is None for mb in batch):
+            return self._all_reduce(local_tokens.sum()).clamp_min(1), None
+        pairs = torch.tensor(float(sum(mb.num_pairs() for mb in batch)), device=self.device)
+        tokens, pairs = self._all_reduce(torch.stack([local_tokens.sum(), pairs]))
+        return tokens.clamp_min(1), pairs.clamp_min(1)
 
     def _update_reference(self) -> None:
         """After an optimizer step: move the reference by ``model.reference_update``, when it is due."""

@@ -12,6 +12,7 @@ from dft_lightning.objectives.base import (
 from dft_lightning.objectives.chord import CHORD
 from dft_lightning.objectives.dft import DFT
 from dft_lightning.objectives.dft_sequence import DFTSequence
+from dft_lightning.objectives.dpo import DPO
 from dft_lightning.objectives.eaft import EAFT
 from dft_lightning.objectives.focal import Focal
 from dft_lightning.objectives.iw_sft import IWSFT
@@ -24,6 +25,7 @@ __all__ = [
     "ASFT",
     "CHORD",
     "DFT",
+    "DPO",
     "EAFT",
     "IWSFT",
     "PSFT",

@@ -16,6 +16,11 @@ its supervised tokens; the module averages them over micro-batches and ranks wei
 supervised tokens. Keys ending in ``_max`` / ``_min`` are reduced by max / min instead. Return the
 same keys on every call (ranks reduce them together).
 
+Pairwise objectives (``DPO``) see ``TokenStats.pairs``, the chosen and rejected sequence of each pair of
+this micro-batch, and ``num_pairs``, the pairs of the whole step: ``pair_sum`` divides by it (the step's
+mean over pairs), and ``pair_mean`` gives a per-pair metric that the token-weighted reduction turns into
+the step's mean over pairs.
+
 Checkpoints record the objective (``objective_spec``: class path and constructor arguments, which
 ``Objective`` captures at construction) so that ``load_from_checkpoint``, ``validate`` and ``test``
 rebuild it (``build_objective``) when nothing else names one.
@@ -61,6 +66,9 @@ class TokenStats:
         targets: int, the target token ids (``-100`` where not supervised).
         extra: every other requested statistic by name (``dft_lightning.tokens.STATISTICS``), also
             readable as an attribute (``stats.topk_entropy``).
+        pairs: pairwise data only: ``[num_pairs, 2]``, the ``sequence`` ids of each pair's chosen and
+            rejected response in this micro-batch (``MicroBatch.pairs``).
+        num_pairs: scalar, pairs in the whole optimizer step, all ranks (``None``: this micro-batch's pairs).
     """
 
     logp: Tensor
@@ -71,6 +79,8 @@ class TokenStats:
     entropy: Tensor | None = None
     targets: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    pairs: Tensor | None = None
+    num_pairs: Tensor | None = None
 
     def __getattr__(self, name: str) -> Tensor:
         extra = self.__dict__.get("extra") or {}
@@ -112,6 +122,30 @@ class TokenStats:
     def nll(self) -> Tensor:
         """Plain negative log-likelihood per token (``-logp``)."""
         return -self.logp
+
+    def _step_pairs(self) -> Tensor:
+        if self.pairs is None:
+            raise ValueError("TokenStats.pairs is None: this objective needs pairwise data "
+                             "(data.class_path: dft_lightning.data.PairDataModule)")
+        if self.num_pairs is not None:
+            return torch.as_tensor(self.num_pairs, dtype=self.logp.dtype, device=self.logp.device).clamp_min(1)
+        return torch.tensor(float(max(self.pairs.shape[0], 1)), dtype=self.logp.dtype, device=self.logp.device)
+
+    def pair_sum(self, per_pair: Tensor) -> Tensor:
+        """Sum ``per_pair`` (``[num_pairs]``, this micro-batch's pairs) and divide by the step's pair count:
+        the loss of a pairwise objective (its micro-batches add up to the step's mean over pairs)."""
+        return per_pair.sum() / self._step_pairs()
+
+    def pair_mean(self, per_pair: Tensor) -> Tensor:
+        """A per-pair metric of this micro-batch, scaled so that the module's token-weighted reduction over
+        micro-batches and ranks yields the step's mean over pairs (with ``num_pairs`` unset: this
+        micro-batch's mean over its pairs)."""
+        per_pair = per_pair.detach().to(self.logp.dtype)
+        tokens = self.mask.sum().to(per_pair.dtype)
+        if self.num_pairs is None or not bool(tokens > 0):
+            return per_pair.sum() / max(per_pair.numel(), 1)
+        scale = torch.as_tensor(self.num_tokens, dtype=per_pair.dtype, device=per_pair.device) / tokens
+        return per_pair.sum() / self._step_pairs() * scale
 
 
 @dataclass
