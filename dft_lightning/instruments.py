@@ -21,6 +21,7 @@ probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dft_lightning.batch import MicroBatch
 from dft_lightning.errors import UserError
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -170,3 +172,48 @@ def _gather(trainer: L.Trainer, probs: Tensor) -> Tensor:
     padded[: probs.numel()] = probs.to(device)
     gathered = strategy.all_gather(padded).reshape(len(sizes), -1).cpu()
     return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+
+
+def token_probabilities(module, batches: Iterable[MicroBatch | list[MicroBatch]], progress: bool = True,
+                        description: str = "token probabilities", total: int | None = None):
+    """``(probs, targets)``: the probability of every supervised token of ``batches`` (float64) and its id.
+
+    Tokens come in the order of the micro-batches, each row-major, as in ``TokenStats`` (so two models
+    on the same batches give aligned arrays).
+    """
+    from tqdm.auto import tqdm
+
+    vocab = module.model.head().weight.shape[0]
+    one = torch.ones((), device=module.device)
+    probs, targets = [], []
+    bar = tqdm(batches, desc=description, total=total if total is not None else _length(batches),
+               disable=not progress, unit="batch", mininterval=1.0)
+    for item in bar:
+        for mb in item if isinstance(item, list | tuple) else [item]:
+            if int(mb.labels.max()) >= vocab:
+                raise UserError(f"token id {int(mb.labels.max())} in the data, but the model's vocabulary has "
+                                f"{vocab} entries: compare models that share the data's tokenizer")
+            mb = mb.to(module.device)
+            stats = module.token_stats(mb, one)
+            probs.append(supervised_probabilities(stats.logp, stats.mask))
+            targets.append(stats.targets[stats.mask].cpu())
+    if not probs:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(targets).numpy().astype(np.int64)
+
+
+def _len(items: Any) -> int | None:
+    try:
+        return len(items)
+    except TypeError:
+        return None
+
+
+# -- analyses --------------------------------------------------------------------------------------
+
+
+def _length(items: Any) -> int | None:
+    try:
+        return len(items)
+    except TypeError:
+        return None

@@ -13,7 +13,6 @@ tables, media or histograms as curves (only scalar values are returned).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import struct
@@ -23,12 +22,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-Series = dict[str, list[tuple[float, float]]]
-
 WANDB_HEADER = b":W&B"
 WANDB_BLOCK = 32768
 WANDB_RECORD_HEADER = 7  # crc32 (4 bytes), length (2), type (1)
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+from dft_lightning.plotting import Series, number, pyplot, read_csv_metrics  # noqa: E402, F401  (shared with the tools)
 
 
 class ToolError(Exception):
@@ -58,18 +58,6 @@ def split_label(spec: str, default: str | None = None) -> tuple[str, str]:
     return (default or spec), spec
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (no display needed); a one-line error when it is missing."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ToolError("matplotlib is not installed: pip install -e '.[demo]' (or pip install matplotlib)") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -79,38 +67,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-# -- CSV logs --------------------------------------------------------------------------------------
-def read_csv_metrics(path: str | Path) -> Series:
-    """``{metric: [(step, value), ...]}`` from a Lightning ``metrics.csv`` (empty cells skipped)."""
-    path = Path(path)
-    series: Series = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ToolError(f"{path}: not a Lightning metrics.csv (no 'step' column)")
-        for row in reader:
-            step = _number(row.get("step"))
-            if step is None:
-                continue
-            for key, text in row.items():
-                if key in ("step", "epoch") or key is None:
-                    continue
-                value = _number(text)
-                if value is not None:
-                    series.setdefault(key, []).append((step, value))
-    return series
-
-
-def _number(text: Any) -> float | None:
-    if text in (None, ""):
-        return None
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 # -- W&B offline runs ------------------------------------------------------------------------------

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from instruments_common import Series, ToolError, find_logs, pyplot, read_metrics, run_main, split_label  # noqa: E402
+from instruments_common import Series, ToolError, find_logs, read_metrics, run_main, split_label  # noqa: E402
+
+from dft_lightning.plotting import plot_runs, smoothed  # noqa: E402, F401  (smoothed: part of this tool's API)
 
 DEFAULT_METRICS = ("eval/*/avg@*", "train/nll")
 
@@ -66,59 +67,6 @@ def select_metrics(runs: dict[str, Series], patterns: Sequence[str]) -> list[str
         shown = ", ".join(available[:30]) + (" ..." if len(available) > 30 else "")
         raise ToolError(f"no metric matches {list(patterns)}; the runs have: {shown or 'nothing'}")
     return chosen
-
-
-def smoothed(values: list[float], weight: float) -> list[float]:
-    """Exponential moving average with bias correction (the first point is not pulled towards zero)."""
-    out, average = [], 0.0
-    for i, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight**i))
-    return out
-
-
-def plot_runs(runs: dict[str, Series], metrics: Sequence[str], path: str | Path | None = None, smooth: float = 0.0,
-              columns: int = 3, title: str | None = None):
-    """One panel per metric, one line per run; returns ``(figure, axes)`` (one axis per panel), saved to ``path``."""
-    plt = pyplot()
-    columns = max(1, min(columns, len(metrics)))
-    rows = math.ceil(len(metrics) / columns)
-    fig, grid = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[len(metrics):]:
-        ax.remove()
-    axes = axes[: len(metrics)]
-    for ax, metric in zip(axes, metrics, strict=True):
-        for i, (label, series) in enumerate(runs.items()):
-            points = sorted(series.get(metric, []))
-            if not points:
-                continue
-            steps, values = [p[0] for p in points], [p[1] for p in points]
-            colour = f"C{i % 10}"
-            single = len(points) == 1
-            if smooth > 0 and len(points) > 2:
-                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=1)
-                ax.plot(steps, smoothed(values, smooth), color=colour, label=label, linewidth=1.8)
-            else:
-                ax.plot(steps, values, color=colour, label=label, linewidth=1.8, marker="o" if single or
-                        len(points) <= 20 else None, markersize=3.5)
-        ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:  # the legend of all runs, whichever panels they appear in
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
-    if title:
-        fig.suptitle(title, y=1.04)
-    fig.tight_layout(rect=(0, 0, 1, 0.93 if rows == 1 else 0.96))
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig, axes
 
 
 def main(argv: Sequence[str] | None = None):

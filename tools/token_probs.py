@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from instruments_common import ToolError, markdown_table, pyplot, run_main, split_label  # noqa: E402
+from instruments_common import ToolError, markdown_table, run_main, split_label  # noqa: E402
 
-from dft_lightning.batch import MicroBatch  # noqa: E402
 from dft_lightning.instruments import (  # noqa: E402
     BIN_EDGES,
     QUANTILES,
     probability_summary,
     quantile_key,
-    supervised_probabilities,
+    token_probabilities,
 )
-
-LOG_FLOOR = 1e-8  # the log-x panel's lowest edge; smaller probabilities are drawn in its first bin
+from dft_lightning.plotting import plot_probabilities  # noqa: E402
 
 
 # -- models and data -------------------------------------------------------------------------------
@@ -101,42 +99,6 @@ def split_batches(datamodule, split: str, max_rows: int | None = None):
 
 
 @torch.no_grad()
-def token_probabilities(module, batches: Iterable[MicroBatch | list[MicroBatch]], progress: bool = True,
-                        description: str = "token probabilities", total: int | None = None):
-    """``(probs, targets)``: the probability of every supervised token of ``batches`` (float64) and its id.
-
-    Tokens come in the order of the micro-batches, each row-major, as in ``TokenStats`` (so two models
-    on the same batches give aligned arrays).
-    """
-    from tqdm.auto import tqdm
-
-    vocab = module.model.head().weight.shape[0]
-    one = torch.ones((), device=module.device)
-    probs, targets = [], []
-    bar = tqdm(batches, desc=description, total=total if total is not None else _len(batches),
-               disable=not progress, unit="batch", mininterval=1.0)
-    for item in bar:
-        for mb in item if isinstance(item, list | tuple) else [item]:
-            if int(mb.labels.max()) >= vocab:
-                raise ToolError(f"token id {int(mb.labels.max())} in the data, but the model's vocabulary has "
-                                f"{vocab} entries: compare models that share the data's tokenizer")
-            mb = mb.to(module.device)
-            stats = module.token_stats(mb, one)
-            probs.append(supervised_probabilities(stats.logp, stats.mask))
-            targets.append(stats.targets[stats.mask].cpu())
-    if not probs:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    return torch.cat(probs).numpy(), torch.cat(targets).numpy().astype(np.int64)
-
-
-def _len(items: Any) -> int | None:
-    try:
-        return len(items)
-    except TypeError:
-        return None
-
-
-# -- analyses --------------------------------------------------------------------------------------
 def _decode(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([int(token_id)]) if tokenizer is not None else str(int(token_id))
 
@@ -200,26 +162,7 @@ def analyse(results: dict[str, tuple[np.ndarray, np.ndarray]], tokenizer: Any = 
 
 
 # -- output ----------------------------------------------------------------------------------------
-def plot(results: dict[str, np.ndarray], path: str | Path | None = None):
-    """Overlaid histograms (one colour per model, log-scale counts); returns the figure, saved to ``path``."""
-    plt = pyplot()
-    fig, (lin, log) = plt.subplots(1, 2, figsize=(12, 4.5))
-    lin_edges = np.linspace(0.0, 1.0, 51)
-    log_edges = np.logspace(np.log10(LOG_FLOOR), 0.0, 65)
-    for i, (label, probs) in enumerate(results.items()):
-        colour = f"C{i % 10}"
-        lin.hist(np.clip(probs, 0.0, 1.0), bins=lin_edges, histtype="step", linewidth=1.6, color=colour, label=label)
-        log.hist(np.clip(probs, LOG_FLOOR, 1.0), bins=log_edges, histtype="step", linewidth=1.6, color=colour,
-                 label=label)
-    lin.set(xlabel="token probability", ylabel="tokens (log scale)", yscale="log", xlim=(0, 1),
-            title="supervised-token probabilities")
-    log.set(xlabel=f"token probability (log scale; below {LOG_FLOOR:g} in the first bin)", ylabel="tokens (log scale)",
-            xscale="log", yscale="log", title="the unlikely tail")
-    lin.legend(loc="upper center")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+plot = plot_probabilities
 
 
 def _shown(text: str) -> str:
