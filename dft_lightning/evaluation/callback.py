@@ -26,6 +26,10 @@ logs (``on_failure: log``, the default; training goes on), or the same one-line 
 (``on_failure: raise``). ``timeout_s`` bounds one evaluation: the child's process group is interrupted
 (SIGINT, so the evaluation can stop its own engine), killed 30 s later, and the evaluation counts as failed.
 
+Progress: the child writes its own (problems generated, completions graded, rate, ETA) as plain lines into its
+``evaluate.log``; while waiting, rank zero relays the newest of them to its output every
+``DFT_LIGHTNING_PROGRESS_EVERY_S`` seconds (default 30), as ``[dft_lightning] evaluation at step N: ...``.
+
 ``command_prefix`` wraps the evaluation command (``[prefix..., python, -m, dft_lightning, evaluate,
 --config, <dir>/evaluate.json]``), e.g. ``[nice, -n, "10"]`` or ``[numactl, --cpunodebind=0]``.
 
@@ -51,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -69,6 +73,7 @@ from dft_lightning.evaluation.run import (
     format_table,
     metrics_from_totals,
 )
+from dft_lightning.progress import default_every_s
 
 # How a rank's evaluation child stands; exchanged across ranks as integers.
 RUNNING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
@@ -129,6 +134,17 @@ class _Child:
             pass
         kill_group(self.proc.pid)
         self.proc.wait()
+
+    def progress_line(self) -> str | None:
+        """The newest progress line (``generating: ...`` / ``grading: ...``) the child wrote to its log."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, self.log_path.stat().st_size - 8192))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        lines = [line.strip() for line in text.replace("\r", "\n").splitlines()]
+        return next((line for line in reversed(lines) if line.startswith(("generating:", "grading:"))), None)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -285,9 +301,12 @@ class EvaluationCallback(L.Callback):
 
     def _wait(self, trainer: L.Trainer, child: _Child | None) -> list[int]:
         """Poll until no rank's child is running; every rank gets every rank's final state. Each round is one
-        all-reduce that all ranks enter within ``poll_s``, so no collective waits on a running evaluation."""
+        all-reduce that all ranks enter within ``poll_s``, so no collective waits on a running evaluation. Rank
+        zero relays its child's progress meanwhile (``_relay``)."""
+        relayed: dict[str, Any] = {"at": time.monotonic(), "line": None}
         if trainer.world_size == 1:
             while child is not None and child.poll() == RUNNING:
+                self._relay(trainer, child, relayed)
                 time.sleep(self.poll_s)
             return [DONE if child is None else child.state]
         while True:
@@ -296,7 +315,21 @@ class EvaluationCallback(L.Callback):
             states = trainer.strategy.reduce(states, reduce_op="sum").tolist()
             if RUNNING not in states:
                 return states
+            if child is not None and trainer.is_global_zero:
+                self._relay(trainer, child, relayed)
             time.sleep(self.poll_s)
+
+    @staticmethod
+    def _relay(trainer: L.Trainer, child: _Child, relayed: dict[str, Any]) -> None:
+        """Print the child's newest progress line (problems generated, completions graded, rate, ETA), at most
+        every ``DFT_LIGHTNING_PROGRESS_EVERY_S`` seconds and only when it changed: plain lines, terminal or not."""
+        now = time.monotonic()
+        if now - relayed["at"] < default_every_s():
+            return
+        line = child.progress_line()
+        if line and line != relayed["line"]:
+            relayed["at"], relayed["line"] = now, line
+            print(f"[dft_lightning] evaluation at step {trainer.global_step}: {line}", flush=True)
 
     @staticmethod
     def _sum_across_ranks(totals: dict[str, dict[str, float]], trainer: L.Trainer) -> dict:

@@ -57,6 +57,7 @@ from dft_lightning.evaluation.engine_base import (
 )
 from dft_lightning.evaluation.vision_inputs import EncodedPrompt
 from dft_lightning.evaluation.vllm_engine import VLLMEngine, VLLMUnavailableError, VLLMWorkerError, vllm_available
+from dft_lightning.progress import advance
 
 __all__ = [
     "Completion",
@@ -212,6 +213,7 @@ class HFEngine(Engine):
         samples = 1 if params.greedy else params.n
         rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
         results: list[list[Completion]] = [[] for _ in prompt_ids]
+        finished = 0
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
@@ -219,6 +221,9 @@ class HFEngine(Engine):
                 completions = self._batch([prompt_ids[i] for i, _ in batch], params, seeds)
                 for (i, _), completion in zip(batch, completions, strict=True):
                     results[i].append(completion)
+                now = (start + len(batch)) // samples  # prompts with all their samples
+                advance(now - finished)  # dft_lightning.progress: problems generated
+                finished = now
         return [samples_ * params.n for samples_ in results] if params.greedy else results
 
     def _batch(self, prompts: list[EncodedPrompt], params: SamplingParams, seeds: list[int]) -> list[Completion]:

@@ -14,6 +14,12 @@ short name (``benchmarks.registry.ALIASES``); a user's own class is one importab
 Qwen2.5-VL) and are scored by rule (``graders.choice``). Code benchmarks prompt chat models with chat prompts
 and base models with raw completions (``prompt_style``, see ``benchmarks.code_chat``).
 
+While it runs, progress goes to standard error (``dft_lightning.progress``): problems generated and completions
+graded, with the rate and an ETA; a live line on a terminal, a plain line every ``DFT_LIGHTNING_PROGRESS_EVERY_S``
+seconds (default 30) otherwise. ``HFEngine`` counts a problem when all its samples are decoded, the math and HumanEval
+graders count each completion; vLLM (which logs its own progress in its worker) and the other graders count when
+they finish.
+
 Not handled here: judge-model scoring.
 """
 
@@ -38,6 +44,7 @@ from dft_lightning.evaluation.benchmarks.registry import (
 from dft_lightning.evaluation.engines import Engine, HFEngine, SamplingParams, VLLMEngine
 from dft_lightning.evaluation.metrics import avg_at_k, mean_pass_at_k
 from dft_lightning.evaluation.model_kind import describe_model
+from dft_lightning.progress import Progress, reporting
 
 SUMMED = ("problems", "timeouts", "skipped_problems", "avg_sum", "pass_sum")  # per-benchmark totals that add up
 #: BenchmarkSpec fields that are the benchmark class's own arguments (``init_args``) when set
@@ -269,19 +276,26 @@ def evaluate_model(
         positions = list(range(len(problems)))[index::count]
         bench.problems = problems[index::count]
         requests.append((bench.prompts(), _params(spec, sampling, bench), positions))
-    if isinstance(engine, Engine):
-        outputs = engine.generate_many(requests)
-    else:
-        with engine.build(model, sampling.seed) as runner:
-            outputs = runner.generate_many(requests)
+    problems_total = sum(len(prompts) for prompts, _, _ in requests)
+    with Progress("generating", problems_total, "problems") as generating, reporting(generating):
+        if isinstance(engine, Engine):
+            outputs = engine.generate_many(requests)
+        else:
+            with engine.build(model, sampling.seed) as runner:
+                outputs = runner.generate_many(requests)
+        generating.reach(problems_total)  # engines that report only at the end (vLLM)
     generated = time.perf_counter()
+    grading = Progress("grading", sum(len(c) for samples in outputs for c in samples), "completions")
     totals: dict[str, dict[str, float]] = {}
     out = Path(output_dir) if output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     for (_, bench), (_, params, _), samples in zip(loaded, requests, outputs, strict=True):
         texts = [[c.text for c in per_problem] for per_problem in samples]
-        grades, stats = bench.grade_samples(texts) if texts else ([], None)
+        graded_before = grading.done
+        with reporting(grading):
+            grades, stats = bench.grade_samples(texts) if texts else ([], None)
+        grading.reach(graded_before + sum(map(len, texts)))  # graders that report only at the end
         k = params.n
         # Toolchain checks run before sharding: shard 0 alone reports the skipped problems.
         skipped = {} if shard and shard[0] else {lang: s.problems for lang, s in getattr(bench, "skipped", {}).items()}
@@ -302,6 +316,7 @@ def evaluate_model(
                            "completions": [c.text for c in completions], "correct": marks,
                            "finish_reasons": [c.finish_reason for c in completions]}
                     f.write(json.dumps(row, default=repr) + "\n")
+    grading.close()
     metrics = metrics_from_totals(totals)
     if out:
         summary = {"model": model, "step": step, "shard": shard, "metrics": metrics,
@@ -430,6 +445,12 @@ def build_parser():
 
 def main(args: list[str] | None = None) -> None:
     """``python -m dft_lightning evaluate --config eval.yaml --model <model>``."""
+    import sys
+
+    if not sys.stderr.isatty():  # a log: no carriage-return bars from transformers (loading weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     parser = build_parser()
     init = parser.instantiate_classes(parser.parse_args(args))
     init.pop("config", None)

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dft_lightning.evaluation.sandbox import ExecutionResult, run_program
+from dft_lightning.progress import advance
 
 __all__ = [
     "CodeGrade",
@@ -153,7 +154,10 @@ def grade_humaneval_batch(
             pool.submit(check_humaneval, p, c, max_processes=max_processes, **limits)
             for p, c in zip(problems, completions, strict=True)
         ]
-        grades = [f.result() for f in futures]
+        grades = []
+        for future in futures:  # in order: the count moves as the first ones finish
+            grades.append(future.result())
+            advance()
     stats = CodeGradingStats.of(grades, time.monotonic() - started)
     if details is not None:
         details.extend(grades)

@@ -58,6 +58,8 @@ from typing import Literal
 
 from math_verify import parse, verify
 
+from dft_lightning.progress import advance
+
 __all__ = [
     "NUMERIC_RULES",
     "GradingStats",
@@ -528,6 +530,7 @@ def grade_math_batch(
                     if worker.item is not None:
                         stats.errors += 1
                         done += 1
+                        advance()
                     worker.item = None
                     _replace(pool, worker)
                     continue
@@ -538,6 +541,7 @@ def grade_math_batch(
                 results[index] = ok
                 stats.errors += int(failed)
                 done += 1
+                advance()
                 worker.item, worker.deadline = None, math.inf
             now = time.monotonic()
             for worker in list(pool):
@@ -546,6 +550,7 @@ def grade_math_batch(
                 if worker.item is not None and now > worker.deadline:
                     stats.timeouts += 1
                     done += 1
+                    advance()
                     worker.item = None
                     _replace(pool, worker)
     finally:
