@@ -33,6 +33,7 @@ from dft_lightning.data.chat import (
     chat_template,
     to_messages,
 )
+from dft_lightning.data.workers import guarded_loader
 from dft_lightning.errors import DataError
 from dft_lightning.rows import BadRow, iter_rows
 
@@ -249,9 +250,8 @@ class ChatDataModule(L.LightningDataModule):
             PackedStepCollator(self.micro_batch_size, pad, self.pack_length) if self.packing
             else StepCollator(self.micro_batch_size, pad)
         )
-        return DataLoader(
-            StepDataset(self.datasets[name]), batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers
-        )
+        return guarded_loader(StepDataset(self.datasets[name]), self.datasets[name], batch_sampler=sampler,
+                              collate_fn=collate, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True, drop_last=True, global_batch=self.batch_size)
@@ -308,11 +308,16 @@ def _first_drop(report: DataReport) -> tuple[str, str, str]:
     return report.examples[reason][0], reason, report.details.get(reason, "")
 
 
+PROGRESS_MIN_ROWS = 2000  # sources shorter than this tokenise in seconds: no progress lines
+
+
 def _progress(items: list, description: str):
-    """Iterate with a progress bar on long inputs (rank zero, interactive or not)."""
-    if len(items) < 2000:
+    """Iterate with progress on long inputs, rank zero only: a live line on a terminal, plain lines every
+    ``DFT_LIGHTNING_PROGRESS_EVERY_S`` seconds otherwise (``dft_lightning.progress``)."""
+    if len(items) < PROGRESS_MIN_ROWS:
         return items
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
-    from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, disable=rank_zero_only.rank != 0, mininterval=2.0)
+    from dft_lightning.progress import track
+
+    return track(items, description, unit="rows", enabled=rank_zero_only.rank == 0)

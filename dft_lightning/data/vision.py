@@ -61,6 +61,7 @@ from dft_lightning.batch import MicroBatch
 from dft_lightning.data.batching import StepBatchSampler, StepDataset, pad_rows
 from dft_lightning.data.chat import IGNORE_INDEX, ChatEncoder, DataReport, DropRow, FieldMap, to_messages
 from dft_lightning.data.module import ChatDataModule
+from dft_lightning.data.workers import guarded_loader
 from dft_lightning.errors import DataError
 from dft_lightning.rows import looks_local
 
@@ -426,7 +427,8 @@ class VisionDataModule(ChatDataModule):
         collate = VisionStepCollator(self.micro_batch_size, self.tokenizer.pad_token_id, self.image_token_id,
                                      self.video_token_id, self.token_type_ids)
         dataset = VisionStepDataset(self.datasets[name], self.image_processor, self.merge)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        return guarded_loader(dataset, self.datasets[name], batch_sampler=sampler, collate_fn=collate,
+                              num_workers=self.num_workers)
 
 
 def _forward_takes(config: Any, name: str) -> bool:
