@@ -36,6 +36,7 @@ FIT_STACKS: list[tuple[str, ...]] = [
     *[(_MATH, f"paper/{p.name}") for p in sorted((CONF / "paper").glob("table1_*.yaml"))],
     *[(_CODE, f"paper/{p.name}") for p in sorted((CONF / "paper").glob("table3_*.yaml"))],
     (_MATH, "paper/table2_offline_rl.yaml"),
+    (_MATH, "paper/table2_dpo.yaml"),
     (_MATH, "paper/table1_llama32_3b.yaml", "paper/tables5_6_iwsft.yaml"),      # Table 5
     (_MATH, "paper/table2_offline_rl.yaml", "paper/tables5_6_iwsft.yaml"),      # Table 6
     (_MATH, "paper/table7_openr1.yaml"),
@@ -113,6 +114,12 @@ def sources(tmp_path_factory) -> dict[str, str]:
              "answer": str(i + 1), "question_id": f"q{i}", "index": i, "sample": 0, "finish_reason": "stop"}
             for i in range(3)
         ] + [{"problem": "What is $0 \\cdot 5$?", "response": "\\boxed{5}", "verified": False}]),
+        "pairs": _jsonl(root / "offline_rl" / "pairs" / "part-00000-of-00001.jsonl", [
+            {"prompt": f"What is ${i} + 1$?", "chosen": f"It is $\\boxed{{{i + 1}}}$.",
+             "rejected": f"It is $\\boxed{{{i + 2}}}$.", "answer": str(i + 1), "question_id": f"q{i}", "index": i,
+             "chosen_sample": 0, "rejected_sample": 1, "source": "synthetic_math", "level": None}
+            for i in range(3)
+        ]),
         "ultrafeedback": _jsonl(root / "ultrafeedback.jsonl", [
             {"source": "evol_instruct", "instruction": f"Write a Python function that returns {i}.",
              "completions": [{"model": "a", "response": f"def f():\n    return {i}\n", "annotations": rating("5")},
@@ -137,6 +144,9 @@ def _data_overrides(stack: tuple[str, ...], sources: dict[str, str]) -> list[str
     if cls == "MathDataModule":
         fmt = init.get("source_format", "numina")
         return [f"--data.init_args.train={sources[fmt]}", "--data.init_args.num_samples=null",
+                "--data.init_args.cache=false", *small]
+    if cls == "PairDataModule":
+        return [f"--data.init_args.train={sources['pairs']}", "--data.init_args.max_samples=null",
                 "--data.init_args.cache=false", *small]
     if cls == "CodeDataModule":
         return [f"--data.init_args.train={sources['ultrafeedback']}", "--data.init_args.num_samples=null",
@@ -217,6 +227,8 @@ def test_paper_configs_keep_the_papers_settings():
     assert resolved(_MATH, "paper/table8_lora.yaml")["lora"]["lora_alpha"] == 16
     assert resolved(_MATH, "paper/table2_offline_rl.yaml")["root"].startswith("runs/paper/table2/")
     assert resolved(_MATH, "paper/table2_offline_rl.yaml", "paper/tables5_6_iwsft.yaml")["objective"] == "IWSFT"
+    dpo = resolved(_MATH, "paper/table2_dpo.yaml")
+    assert (dpo["lr"], dpo["warmup"], dpo["batch"], dpo["objective"]) == (1e-6, 0.05, 128, "DPO")
 
 
 # -- evaluation configs ------------------------------------------------------------------------------
