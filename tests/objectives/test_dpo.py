@@ -156,3 +156,34 @@ def test_dpo_trains_on_the_tiny_model_from_the_cli_config(tmp_path):
     assert 0.0 <= series(rows, "dpo/accuracy")[-1] <= 1.0
     assert series(rows, "train/loss")[0] == pytest.approx(math.log(2.0), abs=1e-5)  # policy = reference at step 0
     assert series(rows, "train/micro_batches")[0] == 2.0
+
+
+def test_precomputed_reference_log_probs_give_the_live_references_dpo_loss(tmp_path):
+    """The pair records are plain rows: tools/precompute_reference.py's values serve DPO as the live reference."""
+    from dft_lightning.data.pairs import PairDataModule
+    from dft_lightning.module import FineTuneModule
+    from dft_lightning.precomputed import PrecomputedReference, precompute
+    from tests.data.test_pairs import pair_rows, write_pairs
+
+    path = write_pairs(tmp_path / "pairs.jsonl", pair_rows(6))
+
+    def data() -> PairDataModule:
+        dm = PairDataModule(train=path, tokenizer="tiny:qwen2", batch_size=4, micro_batch_size=2, cache=False)
+        dm.setup("fit")
+        return dm
+
+    out = precompute(data(), "tiny:qwen2", tmp_path / "ref.pt", micro_batch_size=4, progress=False)
+    dm = data()
+    assert PrecomputedReference.load(out).attach(dm) == 12
+    torch.manual_seed(0)
+    live = FineTuneModule("tiny:qwen2", objective=DPO())
+    live.configure_model()
+    pre = FineTuneModule("tiny:qwen2", objective=DPO(), reference=f"precomputed:{out}")
+    pre.configure_model()
+    assert pre._reference is None  # noqa: SLF001
+    for step in dm._loader("train", shuffle=True, drop_last=True, global_batch=4):  # noqa: SLF001
+        for mb in step:
+            assert mb.ref_logp is not None and mb.num_pairs() == 2
+            n, pairs = mb.target_mask.sum().float(), torch.tensor(4.0)
+            a, b = live.token_stats(mb, n, pairs), pre.token_stats(mb, n, pairs)
+            torch.testing.assert_close(DPO()(b).loss, DPO()(a).loss, rtol=1e-5, atol=1e-7)
