@@ -9,7 +9,10 @@ found (``WANDB_MODE`` always wins). The progress bar is Rich's on a terminal and
 ``PlainProgressBar`` (one plain line every 10 steps, for batch logs; add it to ``trainer.callbacks``
 with ``every_n_steps`` to change that); a progress bar in ``trainer.callbacks`` replaces it and
 ``trainer.enable_progress_bar: false`` turns it off. Problems in the user's config or data end the run
-with a one-line ``error:`` message instead of a traceback. Checkpoints are written beside their target
+with a one-line ``error:`` message instead of a traceback, exit status 2 (``dft_lightning.config_checks``: parser
+errors, constructor refusals, checks before ``fit`` / ``validate`` / ``test``, which also start the W&B runs with
+their offline fallback, ``dft_lightning.loggers``); a data-loader worker that dies is one line too, exit status 1
+(``dft_lightning.data.workers``). Checkpoints are written beside their target
 and renamed into place (``dft_lightning.checkpointing``: the trainer class and the default checkpoint
 plugin); SIGTERM and SLURM's requeue signal save one and stop (``dft_lightning.preemption``).
 
@@ -32,6 +35,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from dft_lightning.callbacks import HFExport, PlainProgressBar
 from dft_lightning.checkpointing import AtomicCheckpointIO, Trainer
+from dft_lightning.config_checks import OneLineParser, check_before_run, instantiation_error
 from dft_lightning.data.module import ChatDataModule
 from dft_lightning.errors import UserError
 from dft_lightning.module import FineTuneModule
@@ -87,6 +91,24 @@ class DFTLightningCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        """The classes; a constructor refusing a value is one line naming the key (``config_checks``)."""
+        try:
+            super().instantiate_classes()
+        except UserError:
+            raise
+        except ValueError as e:  # jsonargparse's report around a constructor's own ValueError
+            raise instantiation_error(e, self.config) from None
+
+    def before_fit(self) -> None:
+        check_before_run(self, "fit")
+
+    def before_validate(self) -> None:
+        check_before_run(self, "validate")
+
+    def before_test(self) -> None:
+        check_before_run(self, "test")
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCLI:
     """Construct (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``."""
@@ -104,6 +126,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DFTLightningCL
         ChatDataModule,
         trainer_class=Trainer,
         subclass_mode_data=True,
+        parser_class=OneLineParser,
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
@@ -128,3 +151,11 @@ def main(args: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as e:  # PyTorch's report of a dead data-loader worker, from wherever its signal came
+        from dft_lightning.data.workers import describe_worker_failure
+
+        message = describe_worker_failure(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,4 +1,5 @@
-"""End to end through the CLI on the tiny Qwen2: training works, configs compose, errors are clear."""
+"""End to end through the CLI on the tiny Qwen2: training works, configs compose, progress is plain (user mistakes:
+tests/test_user_errors.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from dft_lightning.callbacks import PlainProgressBar
-from dft_lightning.cli import build_cli, main
+from dft_lightning.cli import build_cli
 from tests.conftest import REPO, read_metrics, run_cli, series
 
 TINY = str(REPO / "conf" / "tiny.yaml")
@@ -149,38 +150,6 @@ def test_interpolation_across_config_files(tmp_path):
     assert "micro_batch_size: 4" in result.stdout and "lr: 0.002" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["--model.learning_rate=1"], "learning_rate"),
-        (["--data=dft_lightning.data.ChatDataModule", "--data.init_args.train=/nonexistent/train.jsonl"],
-         "data.train: data file not found: /nonexistent/train.jsonl"),
-        (["--model.objective.class_path=dft_lightning.objectives.NoSuch"], "NoSuch"),
-    ],
-)
-def test_bad_config_gives_one_clear_line(tmp_path, args, expected):
-    result = run_cli(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", *args], cwd=tmp_path)
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_bad_data_files_give_one_clear_line(tmp_path):
-    missing = tmp_path / "missing_response.jsonl"
-    missing.write_text('{"problem": "1+1?", "answer": "2"}\n' * 4)
-    base = ["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
-            "--data=dft_lightning.data.ChatDataModule", "--data.init_args.fields.prompt=problem",
-            "--data.init_args.fields.response=solution", "--data.init_args.batch_size=2"]
-    result = run_cli([*base, f"--data.init_args.train={missing}"], cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "field 'solution' missing in all 4 rows (row fields: answer, problem)" in result.stderr
-    empty = tmp_path / "empty_after_filter.jsonl"
-    empty.write_text('{"problem": "1+1?", "solution": ""}\n{"problem": "2+2?", "solution": "   "}\n')
-    result = run_cli([*base, f"--data.init_args.train={empty}"], cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "no usable rows: 2 read, all dropped (empty_response: 2" in result.stderr
-
-
 def in_process(tmp_path, *extra, run=True):
     """``fit`` through ``build_cli`` in this process (``run=False``: only build it); returns the CLI."""
     args = ["--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_train=16",
@@ -211,31 +180,3 @@ def test_progress_bar_off_or_one_plain_line_per_n_steps_without_a_terminal(tmp_p
                      "--trainer.callbacks.every_n_steps=2", run=False)
     bars = [c for c in cli.trainer.callbacks if isinstance(c, PlainProgressBar)]
     assert len(bars) == 1 and bars[0].every_n_steps == 2  # a bar in the config replaces the default one
-
-
-@pytest.mark.parametrize(
-    ("pretrained", "expected"),
-    [
-        ("/no/such/dir", "error: model.pretrained='/no/such/dir': no such directory; give a hub id, a local HF "
-                         "directory, a .gguf file, pkg:<package>/<file>.gguf or tiny:qwen2"),
-        ("tiny:nosuch", "error: model.pretrained='tiny:nosuch': no such tiny model; known: tiny:qwen2, "
-                        "tiny:qwen2_5_vl"),
-        ("someone/no-such-model", "error: model.pretrained='someone/no-such-model': no tokenizer could be loaded ("),
-    ],
-)
-def test_a_bad_pretrained_value_is_one_line(tmp_path, capsys, pretrained, expected):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
-              f"--data.init_args.data_dir={tmp_path / 'data'}", f"--model.pretrained={pretrained}"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(expected) and "Traceback" not in "\n".join(err)
-
-
-def test_a_bad_learning_rate_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--model.lr=-1"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: model.lr=-1.0 must be a positive number (paper: 5e-5)"
-    assert not any("Traceback" in line for line in err)
