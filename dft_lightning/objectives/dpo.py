@@ -12,6 +12,8 @@ reward is 0 and the loss is ``log 2``.
 Normalisation: the **mean over the step's pairs** (all micro-batches, all ranks: ``TokenStats.pair_sum``
 divides by ``num_pairs``), not the per-token normalisation of the other objectives: a pair's loss is one
 number whatever its length. Micro-batch size, accumulation and GPU count do not change the update.
+In validation and test (``val/loss``) each micro-batch's mean over its pairs is weighted by its supervised
+tokens, as the module weights every objective's evaluation loss.
 
 Not handled here: the pairs themselves (``dft_lightning.data.pairs`` puts a pair's chosen and rejected
 records in one micro-batch), the reference model (``dft_lightning.module``), other preference losses
