@@ -47,6 +47,7 @@ from dft_lightning.data.batching import StepBatchSampler, pad_rows
 from dft_lightning.data.chat import ChatEncoder, DataReport, DropRow
 from dft_lightning.data.math import BOXED_SUFFIX, PromptStyle, _turn_text
 from dft_lightning.data.module import ChatDataModule
+from dft_lightning.data.workers import guarded_loader
 from dft_lightning.errors import DataError
 
 ROLES = ("chosen", "rejected")
@@ -207,9 +208,10 @@ class PairDataModule(ChatDataModule):
         records = self.datasets[name]
         sampler = StepBatchSampler(len(records) // 2, global_batch, rank=rank, world_size=world, shuffle=shuffle,
                                    seed=self.seed, drop_last=drop_last)
-        return DataLoader(PairDataset(records), batch_sampler=sampler,
-                          collate_fn=PairStepCollator(self.micro_batch_size, self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers)
+        # a dead worker is one error naming the pairs (by their chosen records' ids) it was building
+        return guarded_loader(PairDataset(records), records[0::2], batch_sampler=sampler,
+                              collate_fn=PairStepCollator(self.micro_batch_size, self.tokenizer.pad_token_id),
+                              num_workers=self.num_workers)
 
 
 def _check_pairs(records: list[dict[str, Any]], key: str) -> None:
