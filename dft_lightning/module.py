@@ -43,7 +43,14 @@ from dft_lightning.objectives import SFT, Objective, TokenStats, build_objective
 from dft_lightning.objectives.base import known_requirements
 from dft_lightning.precomputed import PrecomputedReference, check_compatible, precomputed_path
 from dft_lightning.pretrained import load_tokenizer
-from dft_lightning.reference import ReferenceUpdate, Snapshot, paired_parameters
+from dft_lightning.reference import (
+    ReferenceUpdate,
+    Snapshot,
+    is_sharded,
+    load_shards,
+    paired_parameters,
+    sharded_state_dict,
+)
 from dft_lightning.step import NonFinitePolicy, StepMetrics, TokenStatsHook, detached, supervised_counts
 from dft_lightning.tokens import STATISTICS, chunked_statistics
 
@@ -417,7 +424,11 @@ class FineTuneModule(L.LightningModule):
             "nonfinite": self.nonfinite.state_dict(),
         }
         if self.reference_update is not None and self._reference is not None:  # it has moved: keep it
-            checkpoint[CHECKPOINT_KEY]["reference"] = modeling.full_state_dict(self._reference)
+            if is_sharded(checkpoint.get("state_dict")):  # a distributed checkpoint: shards beside the policy's
+                checkpoint["state_dict"].update(sharded_state_dict(self._reference))
+                checkpoint[CHECKPOINT_KEY]["reference_sharded"] = True
+            else:
+                checkpoint[CHECKPOINT_KEY]["reference"] = modeling.full_state_dict(self._reference)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from dft_lightning.config_checks import check_same_model
@@ -429,6 +440,8 @@ class FineTuneModule(L.LightningModule):
         self._restore_objective(state.get("objective"))
         if "reference" in state and self._reference is not None:
             modeling.load_full_state_dict(self._reference, state["reference"])
+        elif state.get("reference_sharded") and self._reference is not None:
+            load_shards(self._reference, self.trainer.ckpt_path)  # this rank's shards, like the policy's
 
     def _restore_objective(self, saved: dict[str, Any] | None) -> None:
         """The checkpoint's objective, unless the config names one (then a difference is reported)."""

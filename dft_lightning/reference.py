@@ -11,16 +11,25 @@ with ``model.reference_update``, follows the policy after optimizer steps:
 
 Parameters are paired by name and updated in place, shard by shard under FSDP2 (the reference is
 sharded like the policy). The module saves the reference's weights in checkpoints when an update
-rule is set, so a resumed run continues from the same reference.
+rule is set, so a resumed run continues from the same reference: in a sharded (distributed)
+checkpoint as shards of the distributed state dict under ``REFERENCE_PREFIX`` beside the policy's
+(``sharded_state_dict``, read back by ``load_shards``: every rank reads its own shards), in a
+one-file checkpoint as a full state dict in the module's metadata.
 
 Not handled here: LoRA policies (their reference is the base model with adapters off, which does
-not move), references precomputed with the tokenised rows.
+not move), references precomputed with the tokenised rows (``dft_lightning.precomputed``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
+
+#: Key prefix of the reference's shards in a distributed checkpoint's ``state_dict``.
+REFERENCE_PREFIX = "_reference."
 
 
 def paired_parameters(reference: nn.Module, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,3 +90,29 @@ class Snapshot(ReferenceUpdate):
     def update(self, reference: nn.Module, policy: nn.Module) -> None:
         for ref, pol in paired_parameters(reference, policy):
             ref.copy_(pol.detach())
+
+
+def is_sharded(state_dict: Any) -> bool:
+    """Whether a checkpoint's ``state_dict`` holds shards (``DTensor``s: FSDP2 with a distributed checkpoint)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(state_dict, dict) and any(isinstance(v, DTensor) for v in state_dict.values())
+
+
+def sharded_state_dict(reference: nn.Module) -> dict[str, Any]:
+    """The FSDP2-sharded reference's state dict as shards (on CPU), keys under ``REFERENCE_PREFIX``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(reference, options=StateDictOptions(cpu_offload=True))
+    return {REFERENCE_PREFIX + k: v for k, v in state.items()}
+
+
+def load_shards(reference: nn.Module, path: str | Path) -> None:
+    """Read this rank's shards of the reference from the distributed checkpoint at ``path`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    template = get_model_state_dict(reference)
+    wrapped = {"state_dict": {REFERENCE_PREFIX + k: v for k, v in template.items()}}
+    dcp.load(wrapped, checkpoint_id=str(path))
+    set_model_state_dict(reference, {k[len(REFERENCE_PREFIX):]: v for k, v in wrapped["state_dict"].items()})
