@@ -12,7 +12,9 @@ probability fell (``r < 1``) keep their full gradient, as in PPO with a positive
   With ``N = 1`` the snapshot is the policy itself at every step, so ``r = 1`` and PSFT is SFT;
   take ``N > 1``.
 - The original takes several optimizer steps on one batch with ``p_old`` fixed before the first;
-  that inner loop is not offered here (one optimizer step per batch).
+  that inner loop is not offered here: it does not fit the step loop, where one loader item is one
+  optimizer step (the step's token count normalises the loss, and the learning-rate schedule, the
+  resumable step sampler and ``trainer.max_steps`` all count those steps).
 - Without an update rule, ``p_old`` is the frozen starting model (a trust region around it).
 
 Recommended: ``clip_low=0.2``, ``clip_high=0.28``. Logged: ``psft/ratio_mean``, ``psft/clipped_frac``
