@@ -31,6 +31,7 @@ _MATH, _CODE = "paper/base_math.yaml", "paper/base_code.yaml"
 #: config stacks as launched: complete configs alone, overlays on the base they extend
 FIT_STACKS: list[tuple[str, ...]] = [
     ("tiny.yaml",), ("tiny_vl.yaml",), ("demo.yaml",),
+    *[("demo.yaml", p.name) for p in sorted(CONF.glob("demo_*.yaml"))],  # the demo's companions (demo_sft)
     *[("tiny.yaml", f"overlays/{p.name}") for p in OVERLAYS],
     (_MATH,), (_CODE,), ("paper/table4_wethink_qwen25vl_3b.yaml",),
     *[(_MATH, f"paper/{p.name}") for p in sorted((CONF / "paper").glob("table1_*.yaml"))],
