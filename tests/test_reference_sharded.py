@@ -25,6 +25,7 @@ def run(out, data, steps, ckpt=None) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two two-process launches; a loaded machine takes long
 def test_fsdp2_checkpoint_holds_reference_shards_and_resume_reproduces_losses(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
