@@ -11,8 +11,9 @@
   ``data.micro_batch_size``, the last one smaller when it does not divide; so ``batch_size`` must be a multiple
   of ``devices x num_nodes``, ``micro_batch_size`` need not divide anything), ``data.max_length`` above the
   model's context (``max_position_embeddings``). It then starts the W&B runs (``dft_lightning.loggers``).
-* ``check_same_model``: a checkpoint of another model (shapes that differ, weights this model does not have),
-  called when a checkpoint is restored.
+* ``check_same_model``: a checkpoint of another model (a weight of another shape, or not one weight of this
+  model), called when a checkpoint is restored; partly different keys (LoRA adapters, a reference's shards) are
+  left to the strategy's loading.
 
 Not handled here: mistakes that only show in the data (``dft_lightning.data``) or the model files
 (``dft_lightning.pretrained``); those raise their own ``UserError`` where they are found.
@@ -226,10 +227,8 @@ def check_same_model(module: Any, checkpoint: dict[str, Any], path: Any) -> None
         if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
             problem = f"{key} is {list(value.shape)} there, {list(own[key].shape)} here"
             break
-    if problem is None and getattr(module, "strict_loading", True):
-        unexpected = [k for k in theirs if k not in own]
-        if unexpected:
-            problem = f"{len(unexpected)} weights this model does not have, e.g. {unexpected[0]}"
+    if problem is None and own and not any(k in own for k in theirs):  # not one weight in common
+        problem = f"none of its {len(theirs)} weights is this model's, e.g. {next(iter(theirs))}"
     if problem:
         origin = f"trained from {trained_from!r}; " if trained_from else ""
         pretrained = getattr(module, "pretrained", None)
