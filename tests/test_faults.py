@@ -10,7 +10,8 @@ import warnings
 
 import pytest
 
-from dft_lightning.cli import build_cli
+from dft_lightning.cli import build_cli, main
+from dft_lightning.data.demo import DemoMathDataModule
 from tests.conftest import REPO, read_metrics, write_rows
 
 TINY = str(REPO / "conf" / "tiny.yaml")
@@ -105,6 +106,40 @@ def test_a_data_loader_worker_that_dies_is_one_error_naming_the_worker_and_its_r
     assert describe_worker_failure(signalled) == message
     assert describe_worker_failure(RuntimeError("something else")) is None
     del batches
+
+
+class DyingWorkerData(DemoMathDataModule):
+    """The demo data whose loader worker is killed (SIGKILL, as by the out-of-memory killer) when it collates the
+    step holding row ``train.jsonl:9``."""
+
+    def _loader(self, *args, **kwargs):
+        loader = super()._loader(*args, **kwargs)
+        collate = loader.collate_fn
+
+        def dying(rows):
+            if any(r.get("row_id") == "train.jsonl:9" for r in rows):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return collate(rows)
+
+        loader.collate_fn = dying
+        return loader
+
+
+def test_a_worker_killed_during_training_is_one_line_from_the_cli(tmp_path, capsys):
+    """Through the CLI: wherever PyTorch's report reaches the main process (often inside the training step, from
+    its SIGCHLD handler), the run ends with the one line, exit status 1, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}",
+              "--data=tests.test_faults.DyingWorkerData", f"--data.init_args.data_dir={tmp_path / 'data'}",
+              "--data.init_args.num_workers=2",
+              "--data.init_args.num_train=32", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+              "--trainer.enable_progress_bar=false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: data loader worker [01] \(pid \d+\) was killed by signal SIGKILL \(often the kernel's "
+                        r"out-of-memory killer\) while building the steps of rows .*; rerun with data\.num_workers=0 "
+                        r"to see the error in the main process", last), last
 
 
 def test_rows_of_the_wrong_shape_are_counted_drops_and_training_goes_on(tmp_path, tiny_dir):
