@@ -2,9 +2,10 @@
 
 Each problem is built from a template with random quantities; its answer is computed, and the
 solution walks through the arithmetic step by step and ends in ``\\boxed{answer}``. The ``train``
-split uses two-step problems with small numbers; the ``test`` split is held out and harder (three
-steps, larger numbers), so it measures more than memorisation. Generation is deterministic in
-``seed``, and the two splits never share a problem text.
+split uses two-step problems with small numbers; ``heldout`` and ``dev`` are unseen problems of the same
+templates (each drawn from its own random stream; pass the other splits' problems as ``exclude`` and no
+text repeats); the ``test`` split is harder (three steps, larger numbers), so it measures more than
+memorisation of the templates. Generation is deterministic in ``seed``.
 
 Not handled here: anything beyond integer arithmetic; this is a smoke-test set, not a benchmark.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jade", "Kofi", "Lena"]
@@ -67,20 +68,25 @@ def _extend(base: Callable[[random.Random, int], Problem]) -> Callable[[random.R
 
 TEMPLATES = {"train": [_buy_bags, _share, _spend], "test": [_extend(_buy_bags), _extend(_share), _extend(_spend)]}
 LIMITS = {"train": 20, "test": 99}
+#: splits drawn from the training templates, each from its own random stream
+SAME_TEMPLATES = ("train", "heldout", "dev")
+SPLITS = (*SAME_TEMPLATES, "test")
 
 
-def generate(split: str, n: int, seed: int = 0) -> list[dict]:
-    """``n`` distinct problems of ``split`` (``train`` or ``test``) as ``{id, problem, solution, answer}``."""
-    if split not in TEMPLATES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+def generate(split: str, n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[dict]:
+    """``n`` distinct problems of ``split`` (``train``, ``heldout``, ``dev`` or ``test``) as
+    ``{id, problem, solution, answer}``, none of whose texts is in ``exclude``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    kind = "train" if split in SAME_TEMPLATES else "test"
     r = random.Random(f"{split}:{seed}")
-    rows, seen = [], set()
+    rows, seen = [], set(exclude)
     attempts = 0
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"could only make {len(rows)} distinct {split} problems")
-        q, steps, ans = r.choice(TEMPLATES[split])(r, LIMITS[split])
+        q, steps, ans = r.choice(TEMPLATES[kind])(r, LIMITS[kind])
         if q in seen:
             continue
         seen.add(q)

@@ -104,4 +104,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main(token_probs.main, ["--config", TINY, *data_args(tmp_path), "--model", "tiny:qwen2",
                                     "--split", "nosuch", "--no_progress"])
-    assert "--split nosuch: the data module has ['train', 'val']" in capsys.readouterr().err
+    assert "--split nosuch: the data module has ['test', 'train', 'val']" in capsys.readouterr().err
