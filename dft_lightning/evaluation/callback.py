@@ -79,6 +79,18 @@ from dft_lightning.progress import default_every_s
 RUNNING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
 
 
+def _ended(code: int) -> str:
+    """How a child process ended, for the failure line: ``exit status 3`` or ``killed by SIGKILL ...``."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (the out-of-memory killer sends it)" if -code == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
+
+
 class EvaluationFailed(UserError):
     """An evaluation inside training failed (``on_failure: raise``); the message names the ranks and their logs."""
 
@@ -114,7 +126,7 @@ class _Child:
             return self.state
         kill_group(self.proc.pid)  # helpers it left behind
         if code != 0:
-            self.state, self.reason = FAILED, f"exit status {code}"
+            self.state, self.reason = FAILED, _ended(code)
             return self.state
         try:
             self.summary = json.loads(self.summary_path.read_text())
