@@ -133,8 +133,11 @@ class DemoReport(L.Callback):
     def _write(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         folder = self._folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        report: dict[str, Any] = {"objective": type(module.objective).__name__, "steps": trainer.global_step,
-                                  "folder": str(folder)}
+        from dft_lightning.objectives.base import objective_spec
+
+        report: dict[str, Any] = {"objective": type(module.objective).__name__,
+                                  "objective_args": objective_spec(module.objective).get("init_args") or {},
+                                  "steps": trainer.global_step, "folder": str(folder)}
         report["evaluation"] = self._evaluation(trainer)
         report["val_nll"] = self._val_nll(trainer, module)
         if self.after is not None:
@@ -238,9 +241,15 @@ class DemoReport(L.Callback):
         nll, probs = report.get("val_nll"), report.get("token_probs", {})
         rose = nll is not None and nll["after"] > nll["before"]
         gained = any(ev["after"] > ev["before"] for ev in report.get("evaluation", {}).values())
+        floor = float(report.get("objective_args", {}).get("min_weight") or 0.0)
         if report["objective"].startswith("DFT"):
             out.append("- DFT weights each token's loss by the model's own (detached) probability of it: tokens the "
                        "model already finds likely are pushed hardest, unlikely ones barely move.")
+            if floor > 0:
+                out.append(f"- This run floors that weight at min_weight = {floor:g}, so tokens that start unlikely "
+                           f"still train, at {floor:g} of SFT's rate. In the demo, plain DFT (min_weight 0) leaves "
+                           "the data's format tokens (the solutions' first words, \\times, $\\boxed) near p = 0 "
+                           "and accuracy does not rise (conf/demo.yaml says what was tried).")
             if rose and gained:
                 out.append("- The validation NLL rose while accuracy rose: NLL averages over every token, and the few "
                            "unlikely ones DFT leaves behind (or pushes down) dominate it; greedy answers depend on the "

@@ -70,7 +70,9 @@ def test_the_reading_follows_the_numbers():
     rose = DemoReport.reading({**base, "val_nll": {"before": 1.0, "after": 1.4}})
     assert any("NLL rose while accuracy rose" in line for line in rose)
     fell = DemoReport.reading({**base, "val_nll": {"before": 1.0, "after": 0.5}})
-    assert not any("NLL rose" in line for line in fell)
+    assert not any("NLL rose" in line for line in fell) and not any("min_weight =" in line for line in fell)
+    floored = DemoReport.reading({**base, "objective_args": {"min_weight": 0.2}})
+    assert any("min_weight = 0.2" in line for line in floored)
     flat = DemoReport.reading({"objective": "SFT", "evaluation": {"heldout": {"before": 3, "after": 3}}})
     assert any("did not rise" in line for line in flat) and not any("DFT weights" in line for line in flat)
     assert low_share(np.array([0.001, 0.5, 0.009, 0.9])) == 0.5
