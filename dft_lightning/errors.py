@@ -21,3 +21,15 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class StorageError(UserError, OSError):
     """A write that failed (a full disk, no permission); the message names the path and what was kept."""
+
+
+def signal_ending(code: int) -> str:
+    """The signal a negative exit code stands for, as a failure line names it: ``SIGKILL (often the kernel's
+    out-of-memory killer)``, ``SIGSEGV``, ``signal 77``."""
+    import signal
+
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return name + (" (often the kernel's out-of-memory killer)" if -code == signal.SIGKILL else "")

@@ -60,3 +60,21 @@ def replacing_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_torch_atomic(payload: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a hidden file beside ``path``, then renamed over it: readers see the old file or the new
+    one, never half of one; nothing is left behind when the save fails."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

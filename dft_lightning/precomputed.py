@@ -29,8 +29,6 @@ import array
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch import Tensor
 
 from dft_lightning.batch import IGNORE_INDEX
 from dft_lightning.errors import UserError
+from dft_lightning.paths import save_torch_atomic
 
 PREFIX = "precomputed:"
 FORMAT = 1
@@ -189,7 +188,7 @@ def precompute(
         "offsets": torch.tensor(offsets, dtype=torch.int64),
         "ref_logp": torch.cat(values) if values else torch.zeros(0),
     }
-    return _atomic_save(payload, Path(output))
+    return save_torch_atomic(payload, output)
 
 
 def _refuse_other_rows(rows: Iterable[dict[str, Any]], split: str) -> None:
@@ -198,19 +197,6 @@ def _refuse_other_rows(rows: Iterable[dict[str, Any]], split: str) -> None:
         if other:
             raise UserError(f"precomputed reference log-probs: {split} row {row.get('row_id')} carries "
                             f"{sorted(other)} beside its tokens (image rows are not supported)")
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 class PrecomputedReference:

@@ -33,8 +33,6 @@ import fcntl
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
@@ -44,6 +42,7 @@ from typing import Any
 import torch
 
 from dft_lightning.data.chat import IGNORE_INDEX, DataReport
+from dft_lightning.paths import save_torch_atomic
 
 __all__ = ["ROW_KEYS", "cache_key", "load_rows", "read_or_build", "save_rows"]
 
@@ -197,15 +196,7 @@ def save_rows(path: Path, rows: list[dict[str, Any]], report: DataReport) -> Non
         "row_ids": [r["row_id"] for r in rows],
         "report": {**dataclasses.asdict(report), "dropped": dict(report.dropped)},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_torch_atomic(payload, path)
 
 
 def load_rows(path: Path) -> tuple[list[dict[str, Any]], DataReport] | None:

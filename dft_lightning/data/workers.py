@@ -19,13 +19,14 @@ Not handled here: a worker that hangs without dying (``DataLoader(timeout=...)``
 from __future__ import annotations
 
 import re
-import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+from dft_lightning.errors import signal_ending
 
 _RECENT: deque[_Record] = deque(maxlen=16)  # the loaders' last iterators, to describe a death after they are gone
 _SHOWN_ROWS = 6
@@ -139,12 +140,7 @@ def _ending(code: int | None) -> str:
     if code is None:
         return "exited"
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (often the kernel's out-of-memory killer)" if -code == signal.SIGKILL else ""
-        return f"was killed by signal {name}{hint}"
+        return f"was killed by signal {signal_ending(code)}"
     return f"exited with status {code}"
 
 

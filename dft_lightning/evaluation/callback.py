@@ -61,7 +61,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dft_lightning.errors import UserError
+from dft_lightning.errors import UserError, signal_ending
 from dft_lightning.evaluation._vllm_worker import kill_group
 from dft_lightning.evaluation.engine_base import DISTRIBUTED_ENV
 from dft_lightning.evaluation.run import (
@@ -81,14 +81,7 @@ RUNNING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
 
 def _ended(code: int) -> str:
     """How a child process ended, for the failure line: ``exit status 3`` or ``killed by SIGKILL ...``."""
-    if code >= 0:
-        return f"exit status {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    hint = " (the out-of-memory killer sends it)" if -code == signal.SIGKILL else ""
-    return f"killed by {name}{hint}"
+    return f"exit status {code}" if code >= 0 else f"killed by {signal_ending(code)}"
 
 
 class EvaluationFailed(UserError):

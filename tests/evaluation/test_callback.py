@@ -46,7 +46,7 @@ def test_child_states_from_exit_status_and_summary(tmp_path):
     assert _wait(done) == DONE and done.summary == {"metrics": {"m": 1}}
     # the kernel's out-of-memory killer ends a process with SIGKILL, without a word in its log
     killed = _child(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
-    assert _wait(killed) == FAILED and killed.reason == "killed by SIGKILL (the out-of-memory killer sends it)"
+    assert _wait(killed) == FAILED and killed.reason == "killed by SIGKILL (often the kernel's out-of-memory killer)"
     missing = _Child(["/no/such/wrapper", "x"], {}, tmp_path / "e.log", tmp_path / "summary.json", None)
     assert missing.poll() == FAILED and "cannot start '/no/such/wrapper'" in missing.reason
 
