@@ -100,7 +100,7 @@ class DemoReport(L.Callback):
                 if taken >= self.rows:
                     break
                 batches.append(mb)
-                taken += mb.input_ids.shape[0]
+                taken += sum(row is not None for row in mb.row_ids)  # not the masked rows filling the last one
         self.rows_used = taken
         was_training = module.training
         module.eval()

@@ -19,6 +19,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_state_leaks_into_later_tests():
+    """In-process runs leave process-wide state behind: a one-process group (FSDP2 on one device) and its
+    ``MASTER_PORT`` in ``os.environ``, which every later subprocess would inherit and find taken; W&B's settings
+    singleton (a test's base URL or API key). Each test ends with them restored."""
+    from dft_lightning.evaluation.engine_base import DISTRIBUTED_ENV
+
+    saved = {name: os.environ.get(name) for name in DISTRIBUTED_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     from dft_lightning.tiny import tiny_model_dir
