@@ -151,7 +151,7 @@ def main(args: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except RuntimeError as e:  # PyTorch's report of a dead data-loader worker, from wherever its signal came
+    except Exception as e:  # a dead data-loader worker, reported from wherever its signal came (maybe wrapped)
         from dft_lightning.data.workers import describe_worker_failure
 
         message = describe_worker_failure(e)

@@ -104,6 +104,14 @@ def test_a_data_loader_worker_that_dies_is_one_error_naming_the_worker_and_its_r
     # the same line when PyTorch's SIGCHLD handler raises elsewhere in the main process (the CLI translates it)
     signalled = RuntimeError(f"DataLoader worker (pid {pid}) exited unexpectedly with exit code 3. Details are lost")
     assert describe_worker_failure(signalled) == message
+    # ... and when code it interrupted wrapped it (inspect raises TypeError('unsupported callable') from it)
+    try:
+        try:
+            raise signalled
+        except RuntimeError as e:
+            raise TypeError("unsupported callable") from e
+    except TypeError as wrapped:
+        assert describe_worker_failure(wrapped) == message
     assert describe_worker_failure(RuntimeError("something else")) is None
     del batches
 

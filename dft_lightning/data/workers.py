@@ -145,7 +145,21 @@ def _ending(code: int | None) -> str:
 
 
 def describe_worker_failure(error: BaseException) -> str | None:
-    """The one-line message for PyTorch's error about a dead worker of a guarded loader, else ``None``."""
+    """The one-line message for PyTorch's error about a dead worker of a guarded loader, else ``None``.
+
+    The error's chain is searched too: the SIGCHLD handler raises wherever the main process is, and code there may
+    wrap it (``inspect`` turns it into ``TypeError('unsupported callable')`` raised from it)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        message = _describe_one(error)
+        if message is not None:
+            return message
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _describe_one(error: BaseException) -> str | None:
     if isinstance(error, WorkerDiedError):
         return str(error)
     text = str(error)
