@@ -72,13 +72,14 @@ class JsonlPart:
             f.flush()
             os.fsync(f.fileno())
 
-    def _complete_lines(self) -> tuple[list[bytes], int]:
-        """The file's complete lines, after cutting a trailing partial one; and the bytes cut."""
+    def _complete_lines(self, repair: bool = True) -> tuple[list[bytes], int]:
+        """The file's complete lines and the length of a trailing partial one, which ``repair`` cuts from the file
+        (only the shard's own process may: another shard's file can be in the middle of a write)."""
         if not self.path.exists():
             return [], 0
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
+        if repair and end < len(data):
             os.truncate(self.path, end)
         return data[:end].splitlines(keepends=True), len(data) - end
 
@@ -91,9 +92,10 @@ class JsonlPart:
             raise StoreError(f"{self.path}:{lineno}: a row without an integer 'index'; not written by this builder?")
         return row
 
-    def read(self) -> tuple[list[dict[str, Any]], int]:
-        """All rows (a trailing partial line is cut from the file first) and the number of bytes cut."""
-        lines, cut = self._complete_lines()
+    def read(self, repair: bool = True) -> tuple[list[dict[str, Any]], int]:
+        """All complete rows and the length of a trailing partial line (cut from the file when ``repair``: only
+        by the process holding the shard's lock)."""
+        lines, cut = self._complete_lines(repair)
         return [self._parse(n, line) for n, line in enumerate(lines, start=1)], cut
 
     def keep_done(self, done: set[int]) -> tuple[int, int]:
@@ -211,7 +213,7 @@ def combined_report(out: Path, count: int) -> dict[str, Any]:
     for index in range(count):
         manifest = out / "state" / f"{part_name(index, count)}.manifest.jsonl"
         if manifest.exists():
-            entries += JsonlPart(manifest).read()[0]
+            entries += JsonlPart(manifest).read(repair=False)[0]  # other shards may be writing theirs
         (finished if (out / "state" / f"{part_name(index, count)}.done.json").exists() else missing).append(index)
     return {**summarize(entries), "shards": {"count": count, "finished": finished, "unfinished": missing},
             "complete": not missing}

@@ -323,3 +323,22 @@ def test_vllm_build_completes_and_resumes(data, model, tmp_path, monkeypatch):
     for row in got["train"]:
         assert row["response"] != "cut" and grade_math(row["response"], row["answer"])
     assert builder.main(args(data[0], out, model, *vllm)) == report  # finished: nothing to do, no engine
+
+
+def test_the_report_over_all_shards_never_cuts_a_shard_that_is_still_writing(tmp_path):
+    """A shard that finishes reads every other shard's manifest: a partial last line there (that shard is in the
+    middle of a write) is left alone and not counted; only the shard's own recovery, under its lock, cuts it."""
+    from offline_rl_store import JsonlPart, combined_report
+
+    (tmp_path / "state").mkdir()
+    manifest = tmp_path / "state" / f"{part_name(1, 2)}.manifest.jsonl"
+    JsonlPart(manifest).append([{"index": 3, "status": "done", "source": "s", "correct": [True, False],
+                                 "rows": 1, "pairs": 0}])
+    partial = b'{"index": 5, "sou'
+    with manifest.open("ab") as f:
+        f.write(partial)
+    before = manifest.read_bytes()
+    report = combined_report(tmp_path, 2)
+    assert manifest.read_bytes() == before and report["questions"] == 1 and report["shards"]["unfinished"] == [0, 1]
+    rows, cut = JsonlPart(manifest).read()  # the owner's read repairs
+    assert [r["index"] for r in rows] == [3] and cut == len(partial) and manifest.read_bytes() == before[:-cut]
