@@ -117,8 +117,20 @@ def module_settings(module: Any) -> dict[str, Any]:
     return settings
 
 
+def template_fingerprint(module: Any) -> str | None:
+    """A hash of the text of the module's ``chat_template`` when it names a ``.jinja`` file (its path alone is in
+    the settings: an edited file must miss)."""
+    choice = getattr(module, "chat_template", None)
+    if isinstance(choice, str) and choice.endswith(".jinja"):
+        path = Path(choice).expanduser()
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
+
+
 def cache_key(module: Any, source: str, split: str, sample: int | None) -> str:
     parts = {
+        "template": template_fingerprint(module),
         "code": code_fingerprint(),
         "source": source_fingerprint(source, split, getattr(module, "subset", None)),
         "split": split,

@@ -82,12 +82,19 @@ def test_what_changes_the_rows_misses(tmp_path, tiny_dir, cache_dir):
     setup(tiny_dir, path, max_length=44, overlong="truncate")  # another setting
     setup(tiny_dir, path, prompt_template="Q: {prompt}")  # another conversion
     setup(tiny_dir, path, max_samples=5, seed=1)  # another sample
-    assert len(entries(cache_dir)) == 4
+    jinja = tmp_path / "turns.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    setup(tiny_dir, path, chat_template=str(jinja))
+    jinja.write_text("{% for m in messages %}{{ m['role'] }} says {{ m['content'] }}\n{% endfor %}")
+    edited = setup(tiny_dir, path, chat_template=str(jinja)).datasets["train"]  # the same file, edited
+    assert len(entries(cache_dir)) == 6
+    uncached = setup(tiny_dir, path, chat_template=str(jinja), cache=False).datasets["train"]
+    assert len(edited) == 12 and edited == uncached
     stat = path.stat()
     path.write_text(path.read_text().replace("It is 0.", "Zero."))  # the data changed
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     changed = setup(tiny_dir, path).datasets["train"]
-    assert len(entries(cache_dir)) == 5
+    assert len(entries(cache_dir)) == 7
     assert changed[0]["input_ids"] != original[0]["input_ids"] and changed[1:] == original[1:]
 
 
