@@ -101,22 +101,6 @@ def class_code(module: Any) -> str:
     return digest.hexdigest()
 
 
-def module_settings(module: Any) -> dict[str, Any]:
-    """The data module's public settings that can be written as JSON (dataclasses as dicts)."""
-    settings: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
-                                "class_code": class_code(module)}
-    for name, value in sorted(vars(module).items()):
-        if name.startswith("_") or name in NOT_KEYED:
-            continue
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        try:
-            settings[name] = json.loads(json.dumps(value))
-        except (TypeError, ValueError):
-            continue
-    return settings
-
-
 def template_fingerprint(module: Any) -> str | None:
     """A hash of the text of the module's ``chat_template`` when it names a ``.jinja`` file (its path alone is in
     the settings: an edited file must miss)."""
@@ -128,9 +112,28 @@ def template_fingerprint(module: Any) -> str | None:
     return None
 
 
+def module_settings(module: Any) -> dict[str, Any]:
+    """The data module's public settings that can be written as JSON (dataclasses as dicts), and the text's hash
+    of a ``.jinja`` chat template file."""
+    settings: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
+                                "class_code": class_code(module)}
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_") or name in NOT_KEYED:
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        try:
+            settings[name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue
+    template = template_fingerprint(module)
+    if template is not None:
+        settings["chat_template_text"] = template
+    return settings
+
+
 def cache_key(module: Any, source: str, split: str, sample: int | None) -> str:
     parts = {
-        "template": template_fingerprint(module),
         "code": code_fingerprint(),
         "source": source_fingerprint(source, split, getattr(module, "subset", None)),
         "split": split,
