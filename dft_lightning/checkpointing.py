@@ -3,19 +3,18 @@
 Every checkpoint the trainer writes (``ModelCheckpoint``'s files and ``last``, pre-emption saves, a
 user's ``trainer.save_checkpoint``) is first written under a hidden name beside its target
 (``.partial-<hex>``, which no ``last`` or ``hpc_ckpt_*`` lookup matches), flushed to disk, and then
-renamed onto the target in one step: a reader sees the previous checkpoint or the complete new one.
-A single file is replaced with ``os.replace``; a sharded checkpoint (a directory: FSDP2 with
-``save_distributed_checkpoint``) is swapped with its predecessor atomically where the file system
-supports ``renameat2(RENAME_EXCHANGE)`` (Linux), else moved aside, replaced and deleted. Leftover
-``.partial-*`` entries of a crashed save are deleted by the next successful save in that directory.
+put in the target's place in one rename (``paths.publish``: a file with ``os.replace``, a sharded
+checkpoint, a directory under FSDP2 with ``save_distributed_checkpoint``, swapped whole): a reader sees
+the previous checkpoint or the complete new one. Leftover ``.partial-*`` entries of a crashed save are
+deleted by the next successful save in that directory.
 
 A failed write (``ENOSPC``, no permission) removes what it wrote and raises ``StorageError`` on every
 rank (one line naming the target; the CLI prints it and exits with status 2).
 
-``Trainer`` is the CLI's trainer class (``save_checkpoint`` above); ``AtomicCheckpointIO`` is the
-CLI's default checkpoint plugin: it writes straight to the file beside the target (no second copy in
-memory or in ``/tmp``) and fsyncs it, and on its own (a plain Lightning ``Trainer``) also replaces
-the target atomically.
+``Trainer`` is the CLI's trainer class (``save_checkpoint`` above: every rank writes into the hidden
+name, rank zero publishes). ``AtomicCheckpointIO`` is the CLI's default checkpoint plugin: given the
+trainer's hidden name it writes there directly and fsyncs (no second copy in memory, in ``/tmp`` or
+on disk); on its own (a plain Lightning ``Trainer``) it stages and publishes the file itself.
 
 Not handled here: remote file systems (``s3://`` and other URLs are written by Lightning as before),
 ``AsyncCheckpointIO`` (left as it is), ``ModelCheckpoint(save_last="link")``'s symlink, which
@@ -24,10 +23,8 @@ Lightning removes and re-creates (it always points at a complete file, but is mi
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,98 +35,22 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
 from dft_lightning.errors import StorageError
+from dft_lightning.paths import PARTIAL_PREFIX, publish, remove, write_file_atomic
 
-PARTIAL_PREFIX = ".partial-"
+__all__ = ["PARTIAL_PREFIX", "AtomicCheckpointIO", "Trainer", "publish", "storage_message"]
 
 
 def _is_url(path: _PATH) -> bool:
     return "://" in str(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not sync directories
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush a file, or every file and directory under a directory, to disk."""
-    if path.is_dir():
-        for root, _, files in os.walk(path):
-            for name in files:
-                _fsync_file(Path(root) / name)
-            _fsync_dir(Path(root))
-    elif path.exists():
-        _fsync_file(path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def publish(partial: Path, target: Path) -> None:
-    """Put the finished ``partial`` (file or directory) in ``target``'s place in one rename.
-
-    The previous ``target`` is deleted once the new one stands. Other ``.partial-*`` entries in the
-    directory (left by a crashed save) are deleted too.
-    """
-    _fsync_tree(partial)
-    if partial.is_dir() and target.is_dir() and not target.is_symlink() and _exchange(partial, target):
-        shutil.rmtree(partial, ignore_errors=True)  # now the previous checkpoint
-    elif partial.is_dir() and (target.is_dir() and not target.is_symlink()):
-        old = target.with_name(f"{PARTIAL_PREFIX}old-{uuid.uuid4().hex}")
-        os.replace(target, old)
-        os.replace(partial, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if target.is_dir() and not target.is_symlink():  # a file replaces a sharded checkpoint
-            shutil.rmtree(target)
-        os.replace(partial, target)
-    _fsync_dir(target.parent)
-    for stale in target.parent.glob(f"{PARTIAL_PREFIX}*"):
-        if stale not in (partial, target):
-            _remove(stale)
-
-
 def storage_message(target: _PATH, error: BaseException) -> str:
     root = error.__cause__ if isinstance(error, StorageError) and error.__cause__ is not None else error
     reason = getattr(root, "strerror", None) or str(root) or type(root).__name__
+    full = getattr(root, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    what = "free space" if full else "fix that"
     return (f"checkpoint {target} could not be written ({reason}); the previous checkpoint there is kept and "
-            "nothing partial was left: free space (or choose another ModelCheckpoint dirpath) and resume from it")
+            f"nothing partial was left: {what} (or choose another ModelCheckpoint dirpath) and resume from it")
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -149,25 +70,26 @@ def _os_error(error: BaseException) -> OSError | None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a hidden file beside the target, fsync, then ``os.replace`` onto it."""
+    """``torch.save`` into a hidden file beside the target, fsync, then ``publish`` onto it. Under the CLI's
+    ``Trainer`` the target already is its hidden ``.partial-<hex>`` (the trainer publishes it once every rank has
+    written): then written there directly and fsynced, with no second hidden copy."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or _is_url(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        partial = target.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            publish(partial, target)
+            if target.name.startswith(PARTIAL_PREFIX):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                write_file_atomic(target, lambda f: torch.save(checkpoint, f), prefix=PARTIAL_PREFIX,
+                                  stale=f"{PARTIAL_PREFIX}*")
         except OSError as e:
             raise StorageError(storage_message(target, e)) from e
-        finally:
-            if partial.exists():
-                _remove(partial)
 
 
 class Trainer(L.Trainer):
@@ -202,7 +124,7 @@ class Trainer(L.Trainer):
             self._raise_any(error, target, partial)
             if strategy.is_global_zero:
                 try:
-                    publish(partial, target)
+                    publish(partial, target, stale=f"{PARTIAL_PREFIX}*")
                 except OSError as e:
                     error = e
             self._raise_any(error if strategy.is_global_zero else None, target, partial)
@@ -221,7 +143,7 @@ class Trainer(L.Trainer):
         if not failed:
             return
         if self.strategy.is_global_zero:
-            _remove(partial)
+            remove(partial)
         if error is not None and _os_error(error) is None:
             raise error
         storage = [item for _, item in failed if item[0]]

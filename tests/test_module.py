@@ -258,7 +258,10 @@ def test_a_failed_hf_export_leaves_the_previous_one_whole_and_names_the_path(tmp
     start.configure_model()
     torch.testing.assert_close(next(reloaded.parameters()), next(start.model.lm.parameters()))
     monkeypatch.undo()
-    module.export_hf(tmp_path / "hf" / "final")  # a later export replaces it whole
+    crashed = tmp_path / "hf" / ".final.partial-crashed"  # what a killed export leaves (no clean-up ran)
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"\0" * 64)
+    module.export_hf(tmp_path / "hf" / "final")  # a later export replaces it whole and removes the leftover
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["final"]
     torch.testing.assert_close(next(AutoModelForCausalLM.from_pretrained(out).parameters()),
                                next(module.model.lm.parameters()))

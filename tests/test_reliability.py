@@ -220,10 +220,10 @@ def test_a_crash_while_writing_a_checkpoint_file_leaves_the_previous_one(tmp_pat
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "move-aside"])
 def test_a_directory_checkpoint_is_swapped_whole(tmp_path, monkeypatch, exchange):
-    from dft_lightning import checkpointing
+    from dft_lightning import paths
 
     if not exchange:  # a file system without RENAME_EXCHANGE
-        monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(paths, "_exchange", lambda a, b: False)
     target, partial = tmp_path / "last.ckpt", tmp_path / f"{PARTIAL_PREFIX}new"
     target.mkdir()
     (target / "a.distcp").write_text("old")
@@ -234,6 +234,19 @@ def test_a_directory_checkpoint_is_swapped_whole(tmp_path, monkeypatch, exchange
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert sorted(p.name for p in target.iterdir()) == ["a.distcp", "meta.pt"]
     assert (target / "a.distcp").read_text() == "new"
+
+
+def test_a_sharded_checkpoint_replaces_a_one_file_one_and_back(tmp_path):
+    """The same dirpath used by a one-process run (``last.ckpt`` a file) and then a sharded one (a directory)."""
+    target, partial = tmp_path / "last.ckpt", tmp_path / f"{PARTIAL_PREFIX}sharded"
+    target.write_text("one file")
+    partial.mkdir()
+    (partial / "a.distcp").write_text("sharded")
+    publish(partial, target)
+    assert (target / "a.distcp").read_text() == "sharded" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt"]
+    AtomicCheckpointIO().save_checkpoint({"global_step": 7}, target)
+    assert target.is_file() and AtomicCheckpointIO().load_checkpoint(target)["global_step"] == 7
 
 
 def test_a_full_disk_while_saving_is_one_line_naming_the_path_and_keeps_the_previous_checkpoint(
@@ -277,6 +290,7 @@ def test_storage_error_names_the_target_not_the_partial_file(tmp_path, monkeypat
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(torch, "save", denied)
-    with pytest.raises(StorageError, match=rf"checkpoint {tmp_path / 'x.ckpt'} could not be written \(Permission"):
+    with pytest.raises(StorageError, match=rf"checkpoint {tmp_path / 'x.ckpt'} could not be written \(Permission"
+                                           r" denied\); .*: fix that \(or choose"):
         io.save_checkpoint({"global_step": 1}, tmp_path / "x.ckpt")
     assert list(tmp_path.iterdir()) == []

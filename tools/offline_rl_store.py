@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dft_lightning.paths import write_file_atomic
+
 NONE = "(none)"
 EXAMPLES = 50  # skipped rows named in report.json (all of them are in the manifests)
 
@@ -48,12 +50,8 @@ def part_name(index: int, count: int) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class JsonlPart:
