@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dft_lightning.instruments import probability_summary, token_probabilities
-from dft_lightning.plotting import plot_probabilities, plot_runs, read_csv_metrics
+from dft_lightning.plotting import matching_metrics, plot_probabilities, plot_runs, read_csv_metrics
 
 CURVES = ("train/loss", "train/nll", "val/nll", "*/weight_mean", "token_probs/share_0_0.001",
           "token_probs/share_0.001_0.01", "eval/*/avg@*")
@@ -91,17 +91,22 @@ class DemoReport(L.Callback):
     # -- probabilities -----------------------------------------------------------------------------
     def _probabilities(self, trainer: L.Trainer, module: L.LightningModule) -> np.ndarray | None:
         datamodule = trainer.datamodule
-        if datamodule is None or not getattr(datamodule, "val", None):
+        if datamodule is None or not getattr(datamodule, "datasets", {}).get("val"):
             return None
-        loader = datamodule.val_dataloader()
-        batches, taken = [], 0
-        for item in loader:
+        batches, counts = [], []
+        for item in datamodule.val_dataloader():
             for mb in item if isinstance(item, list | tuple) else [item]:
-                if taken >= self.rows:
-                    break
                 batches.append(mb)
-                taken += sum(row is not None for row in mb.row_ids)  # not the masked rows filling the last one
-        self.rows_used = taken
+                counts.append(sum(row is not None for row in mb.row_ids))  # not the masked rows filling the last
+                if sum(counts) >= self.rows:
+                    break
+            if sum(counts) >= self.rows:
+                break
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            count = torch.tensor([len(batches)], device=module.device)  # every rank runs as many forwards (FSDP)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            batches, counts = batches[: int(count)], counts[: int(count)]
+        self.rows_used = sum(counts)
         was_training = module.training
         module.eval()
         try:
@@ -183,8 +188,6 @@ class DemoReport(L.Callback):
         return {"before": baseline["val/nll"], "after": float(final)}
 
     def _curves(self, trainer: L.Trainer, path: Path) -> str | None:
-        import fnmatch
-
         from lightning.pytorch.loggers import CSVLogger
 
         csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
@@ -194,14 +197,13 @@ class DemoReport(L.Callback):
         metrics_file = Path(csv.log_dir) / "metrics.csv"
         if not metrics_file.exists():
             return None
-        series = read_csv_metrics(metrics_file)
-        chosen = [key for pattern in CURVES for key in sorted(series) if fnmatch.fnmatchcase(key, pattern)]
-        chosen = [key for i, key in enumerate(chosen) if key not in chosen[:i]]
+        runs = {type(trainer.lightning_module.objective).__name__: read_csv_metrics(metrics_file)}
+        chosen = matching_metrics(runs, CURVES)
         if not chosen:
             return None
         import matplotlib.pyplot as plt
 
-        fig, _ = plot_runs({type(trainer.lightning_module.objective).__name__: series}, chosen, path, columns=4)
+        fig, _ = plot_runs(runs, chosen, path, columns=4)
         plt.close(fig)
         return str(path)
 

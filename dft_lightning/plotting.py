@@ -68,6 +68,19 @@ def read_csv_metrics(path: str | Path) -> Series:
     return series
 
 
+def matching_metrics(runs: dict[str, Series], patterns: Sequence[str]) -> list[str]:
+    """Metric names matching the glob ``patterns`` (in pattern order, then sorted), present in at least one run."""
+    import fnmatch
+
+    available = sorted({key for series in runs.values() for key in series})
+    chosen: list[str] = []
+    for pattern in patterns:
+        for key in available:
+            if fnmatch.fnmatchcase(key, pattern) and key not in chosen:
+                chosen.append(key)
+    return chosen
+
+
 def smoothed(values: list[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (the first point is not pulled towards zero)."""
     out, average = [], 0.0

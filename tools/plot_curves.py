@@ -20,7 +20,6 @@ Not handled here: online W&B runs (no network; export them to CSV first), a wall
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from instruments_common import Series, ToolError, find_logs, read_metrics, run_main, split_label  # noqa: E402
 
-from dft_lightning.plotting import plot_runs, smoothed  # noqa: E402, F401  (smoothed: part of this tool's API)
+from dft_lightning.plotting import matching_metrics, plot_runs, smoothed  # noqa: E402, F401  (smoothed: part of this tool's API)
 
 DEFAULT_METRICS = ("eval/*/avg@*", "train/nll")
 
@@ -57,13 +56,9 @@ def load_runs(specs: Sequence[str], source: str = "auto") -> dict[str, Series]:
 
 def select_metrics(runs: dict[str, Series], patterns: Sequence[str]) -> list[str]:
     """Metric names matching ``patterns`` (in pattern order, then sorted), present in at least one run."""
-    available = sorted({key for series in runs.values() for key in series})
-    chosen: list[str] = []
-    for pattern in patterns:
-        for key in available:
-            if fnmatch.fnmatchcase(key, pattern) and key not in chosen:
-                chosen.append(key)
+    chosen = matching_metrics(runs, patterns)
     if not chosen:
+        available = sorted({key for series in runs.values() for key in series})
         shown = ", ".join(available[:30]) + (" ..." if len(available) > 30 else "")
         raise ToolError(f"no metric matches {list(patterns)}; the runs have: {shown or 'nothing'}")
     return chosen
