@@ -181,35 +181,26 @@ def token_probabilities(module, batches: Iterable[MicroBatch | list[MicroBatch]]
     Tokens come in the order of the micro-batches, each row-major, as in ``TokenStats`` (so two models
     on the same batches give aligned arrays).
     """
-    from tqdm.auto import tqdm
+    from dft_lightning.progress import Progress
 
     vocab = module.model.head().weight.shape[0]
     one = torch.ones((), device=module.device)
     probs, targets = [], []
-    bar = tqdm(batches, desc=description, total=total if total is not None else _length(batches),
-               disable=not progress, unit="batch", mininterval=1.0)
-    for item in bar:
-        for mb in item if isinstance(item, list | tuple) else [item]:
-            if int(mb.labels.max()) >= vocab:
-                raise UserError(f"token id {int(mb.labels.max())} in the data, but the model's vocabulary has "
-                                f"{vocab} entries: compare models that share the data's tokenizer")
-            mb = mb.to(module.device)
-            stats = module.token_stats(mb, one)
-            probs.append(supervised_probabilities(stats.logp, stats.mask))
-            targets.append(stats.targets[stats.mask].cpu())
+    count = total if total is not None else _length(batches)
+    with Progress(description, count or 0, "batches", enabled=progress) as bar:
+        for item in batches:
+            for mb in item if isinstance(item, list | tuple) else [item]:
+                if int(mb.labels.max()) >= vocab:
+                    raise UserError(f"token id {int(mb.labels.max())} in the data, but the model's vocabulary has "
+                                    f"{vocab} entries: compare models that share the data's tokenizer")
+                mb = mb.to(module.device)
+                stats = module.token_stats(mb, one)
+                probs.append(supervised_probabilities(stats.logp, stats.mask))
+                targets.append(stats.targets[stats.mask].cpu())
+            bar.update()
     if not probs:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     return torch.cat(probs).numpy(), torch.cat(targets).numpy().astype(np.int64)
-
-
-def _len(items: Any) -> int | None:
-    try:
-        return len(items)
-    except TypeError:
-        return None
-
-
-# -- analyses --------------------------------------------------------------------------------------
 
 
 def _length(items: Any) -> int | None:

@@ -127,13 +127,12 @@ def precompute(
             precision plugin's ``forward_context``, autocast for ``bf16-mixed``); default: none.
         precision: the name of that precision (``trainer.precision``), recorded in the fingerprint.
         param_dtype: cast the reference to this dtype first (``model.fsdp_param_dtype``).
-        progress: show a progress bar.
+        progress: show progress (``dft_lightning.progress``: a live line on a terminal, plain lines in a log).
     """
-    from tqdm.auto import tqdm
-
     from dft_lightning import modeling
     from dft_lightning.data.batching import pad_rows
     from dft_lightning.data.cache import module_settings, tokenizer_fingerprint
+    from dft_lightning.progress import Progress
 
     if micro_batch_size < 1:
         raise UserError(f"micro_batch_size={micro_batch_size} must be positive")
@@ -156,16 +155,15 @@ def precompute(
     results: dict[str, Tensor] = {}
     context = forward_context or nullcontext
     todo = list(unique.values())
-    bar = tqdm(total=len(todo), desc="reference log-probs", unit="row", disable=not progress, mininterval=1.0)
-    for group in _micro_batches(todo, micro_batch_size):
-        mb = pad_rows(group, pad_id).to(device)
-        ctx: AbstractContextManager = context()
-        with ctx:
-            logp = model(mb)["logp"].float()
-        for i, row in enumerate(group):
-            results[row_key(row)] = supervised_values(logp[i], row["labels"]).cpu()
-        bar.update(len(group))
-    bar.close()
+    with Progress("reference log-probs", len(todo), "rows", enabled=progress) as bar:
+        for group in _micro_batches(todo, micro_batch_size):
+            mb = pad_rows(group, pad_id).to(device)
+            ctx: AbstractContextManager = context()
+            with ctx:
+                logp = model(mb)["logp"].float()
+            for i, row in enumerate(group):
+                results[row_key(row)] = supervised_values(logp[i], row["labels"]).cpu()
+            bar.update(len(group))
     for key in keys:
         values.append(results[key])
         offsets.append(offsets[-1] + results[key].numel())

@@ -56,11 +56,15 @@ class Progress:
         every_s: seconds between plain lines (default ``default_every_s()``).
         redraw_s: seconds between redraws on a terminal.
         enabled: ``False`` shows nothing (other ranks).
+        start: items already done before this run (a resumed job): counted in ``done``, not in the rate or ETA.
+
+    ``detail`` (set at any time) is appended to every line (``12 rows written this run``).
     """
 
     def __init__(self, description: str, total: int, unit: str = "items", *, stream: IO[str] | None = None,
-                 every_s: float | None = None, redraw_s: float = 0.5, enabled: bool = True) -> None:
+                 every_s: float | None = None, redraw_s: float = 0.5, enabled: bool = True, start: int = 0) -> None:
         self.description, self.total, self.unit = description, max(0, int(total)), unit
+        self.detail = ""
         self.stream = stream if stream is not None else sys.stderr
         self.every_s = default_every_s() if every_s is None else every_s
         self.redraw_s, self.enabled = redraw_s, enabled
@@ -68,7 +72,7 @@ class Progress:
             self.tty = bool(self.stream.isatty())
         except (AttributeError, ValueError):
             self.tty = False
-        self.done = 0
+        self.done = self.start = max(0, int(start))
         self.started = time.monotonic()
         self._shown_at: float | None = None
         self._closed = False
@@ -77,11 +81,14 @@ class Progress:
         elapsed = time.monotonic() - self.started
         parts = [f"{self.description}: {self.done}/{self.total} {self.unit}"
                  + (f" ({100 * self.done // self.total}%)" if self.total else "")]
-        if self.done and elapsed > 0:
-            parts.append(f"{self.done / elapsed:.2f} {self.unit}/s")
+        ran = self.done - self.start
+        if ran and elapsed > 0:
+            parts.append(f"{ran / elapsed:.2f} {self.unit}/s")
         parts.append(f"elapsed {clock(elapsed)}")
-        if self.done and self.done < self.total:
-            parts.append(f"eta {clock(elapsed / self.done * (self.total - self.done))}")
+        if ran and self.done < self.total:
+            parts.append(f"eta {clock(elapsed / ran * (self.total - self.done))}")
+        if self.detail:
+            parts.append(self.detail)
         return "  ".join(parts)
 
     def _show(self, final: bool = False) -> None:

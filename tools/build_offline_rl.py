@@ -50,7 +50,6 @@ import json
 import os
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +75,7 @@ from dft_lightning.evaluation.engines import (  # noqa: E402
     VLLMUnavailableError,
 )
 from dft_lightning.evaluation.graders.math import MathGrader, extract_boxed  # noqa: E402
+from dft_lightning.progress import Progress  # noqa: E402
 from dft_lightning.rows import BadRow, iter_rows  # noqa: E402
 
 #: settings that change which rows are written: a restart with other values is refused
@@ -228,38 +228,6 @@ def make_engine(args: argparse.Namespace):
                     batch_size=args.batch_size, device=device)
 
 
-# ------------------------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Questions done, rate and ETA: rewritten in place on a terminal, else a plain line every ``every_s``."""
-
-    def __init__(self, label: str, total: int, done: int, every_s: float, stream=None) -> None:
-        self.label, self.total, self.start_done, self.done = label, total, done, done
-        self.every_s, self.stream = every_s, stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.started = self.last = time.monotonic()
-        self.rows = 0
-
-    def update(self, questions: int, rows: int, final: bool = False) -> None:
-        self.done += questions
-        self.rows += rows
-        now = time.monotonic()
-        if not (self.tty or final or now - self.last >= self.every_s):
-            return
-        self.last = now
-        rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
-        left = self.total - self.done
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        line = (f"{self.label}: {self.done}/{self.total} questions ({100 * self.done / max(self.total, 1):.1f}%), "
-                f"{rate:.2f} questions/s, ETA {eta}, {self.rows} rows this run")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 # ---------------------------------------------------------------------------------------------------- build
 
 
@@ -321,8 +289,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         pending = [q for q in mine if isinstance(q, Question) and q.index not in done]
         if pending:
             questions = sum(isinstance(q, Question) for q in mine)
-            progress = Progress(label, questions, questions - len(pending), args.progress_every)
-            _generate(args, store, pending, progress)
+            with Progress(label, questions, "questions", every_s=args.progress_every,
+                          start=questions - len(pending)) as progress:
+                _generate(args, store, pending, progress)
         else:
             print(f"{label}: nothing to do: all {len(mine)} questions are done", file=sys.stderr)
         entries = store.manifest.read()[0]
@@ -340,6 +309,7 @@ def _generate(args: argparse.Namespace, store: ShardStore, pending: list[Questio
     bench = MathBenchmark("math500", template=args.template, grader=grader, name="offline_rl", problems=[])
     params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             stop=tuple(bench.stop_sequences()), seed=args.seed)
+    written = 0
     with make_engine(args) as engine:
         for start in range(0, len(pending), args.chunk):
             chunk = pending[start : start + args.chunk]
@@ -359,7 +329,9 @@ def _generate(args: argparse.Namespace, store: ShardStore, pending: list[Questio
             if store.pairs is not None:
                 store.pairs.append(pairs)
             store.manifest.append(entries)
-            progress.update(len(chunk), len(rows), final=start + args.chunk >= len(pending))
+            written += len(rows)
+            progress.detail = f"{written} rows this run"
+            progress.update(len(chunk))
 
 
 def merge(out: Path) -> dict[str, Any]:

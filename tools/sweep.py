@@ -400,7 +400,7 @@ def sweep(configs: Sequence[str], axes: dict[str, list[Any]], out: str | Path, o
           launcher: Sequence[str] = (), force: bool = False, collect_only: bool = False, sbatch: str = "",
           progress: bool = True) -> dict[str, Any]:
     """Prepare, run (or print) and collect a sweep; returns the points, the best one and the figure."""
-    from tqdm.auto import tqdm
+    from dft_lightning.progress import Progress
 
     out, cwd = Path(out), Path.cwd()
     paths = [Path(c).resolve() for c in configs]
@@ -418,13 +418,13 @@ def sweep(configs: Sequence[str], axes: dict[str, list[Any]], out: str | Path, o
         if point not in todo:
             point.status = "skipped"
     if not collect_only and launch == "run":
-        bar = tqdm(todo, desc="sweep", unit="point", disable=not progress or not todo)
-        for point in bar:
-            bar.set_postfix_str(point.name)
+        counter = Progress("sweep", len(todo), "points", enabled=False)  # its line follows each point's
+        for point in todo:
             ok = run_point(point.folder)
             point.status = "ran" if ok else "failed"
+            counter.update()
             state = "done" if ok else f"FAILED (see {point.folder / LOG_FILE})"
-            bar.write(f"{point.name}: {state}")
+            print(f"{point.name}: {state}" + (f"  [{counter.line()}]" if progress else ""), flush=True)
     elif not collect_only and todo:
         if launch == "slurm":
             print(f"wrote {write_sbatch(todo, out, sbatch, cwd)}: sbatch it to run {len(todo)} points")

@@ -283,17 +283,22 @@ def test_other_settings_on_resume_are_refused(reference, data, model, tmp_path, 
     assert builder.shard_of(None) == (3, 8) and builder.shard_of("1/2") == (1, 2)
 
 
-def test_progress_lines_without_a_terminal(monkeypatch):
+def test_progress_of_a_resumed_build_counts_the_done_questions_but_rates_this_run(monkeypatch):
+    from dft_lightning import progress as progress_module
+
     stream = io.StringIO()
-    clock = iter([0.0, 1.0, 40.0, 41.0])
-    monkeypatch.setattr(builder.time, "monotonic", lambda: next(clock))
-    progress = builder.Progress("shard 0/1", total=10, done=2, every_s=30, stream=stream)
-    progress.update(2, 5)           # 1 s: too soon for a line
-    progress.update(2, 1)           # 40 s: a line
-    progress.update(4, 0, final=True)
+    now = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])
+    with builder.Progress("shard 0/1", 10, "questions", every_s=30, stream=stream, start=2) as progress:
+        now[0], progress.detail = 1.0, "5 rows this run"
+        progress.update(2)  # too soon for a line
+        now[0], progress.detail = 40.0, "6 rows this run"
+        progress.update(2)  # a line
+        now[0] = 41.0
+        progress.update(4)
     assert stream.getvalue().splitlines() == [
-        "shard 0/1: 6/10 questions (60.0%), 0.10 questions/s, ETA 40 s, 6 rows this run",
-        "shard 0/1: 10/10 questions (100.0%), 0.20 questions/s, ETA 0 s, 6 rows this run",
+        "shard 0/1: 6/10 questions (60%)  0.10 questions/s  elapsed 0:00:40  eta 0:00:40  6 rows this run",
+        "shard 0/1: 10/10 questions (100%)  0.20 questions/s  elapsed 0:00:41  6 rows this run",
     ]
 
 
