@@ -33,7 +33,6 @@ PLAIN_TEMPLATE = (  # data.chat_template: plain, for tokenizers without a chat t
     "{% else %}{{ 'Assistant:\n' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
-FALLBACK_TEMPLATE = PLAIN_TEMPLATE  # the name it had before
 
 
 def chat_template(tokenizer: Any, choice: str | None, *, what: str = "the tokenizer") -> str | None:
@@ -191,7 +190,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.overlong = overlong
-        self.template = template if template is not None else None if tokenizer.chat_template else PLAIN_TEMPLATE
+        self.template = template if template is not None else chat_template(tokenizer, None)  # None: its own
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
