@@ -28,7 +28,6 @@ checkpoint).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -110,11 +109,8 @@ class Preemption(L.Callback):
             raise Preempted(self._exit_code)
 
     def save_path(self, trainer: L.Trainer) -> Path:
-        if self._slurm(trainer) is not None:
-            root = Path(trainer.default_root_dir)
-            numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt")
-                       if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-            return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+        if self._slurm(trainer) is not None:  # the name Lightning's resume of a requeued job looks for
+            return Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
