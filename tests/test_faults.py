@@ -116,6 +116,17 @@ def test_a_data_loader_worker_that_dies_is_one_error_naming_the_worker_and_its_r
     del batches
 
 
+def test_a_guarded_loader_keeps_only_the_steps_in_flight(tmp_path, tiny_dir):
+    dm = worker_rows(tmp_path, tiny_dir, num_workers=2)
+    loader = dm.train_dataloader()
+    iterator = iter(loader)
+    steps = 0
+    for _ in iterator:
+        steps += 1
+        assert len(iterator._indices) <= 2 * loader.prefetch_factor  # not one entry per step of the epoch
+    assert steps == 6 and not iterator._indices
+
+
 class DyingWorkerData(DemoMathDataModule):
     """The demo data whose loader worker is killed (SIGKILL, as by the out-of-memory killer) when it collates the
     step holding row ``train.jsonl:9``."""

@@ -121,12 +121,15 @@ class _GuardedIterator(_MultiProcessingDataLoaderIter):
 
     def __next__(self) -> Any:
         try:
-            return super().__next__()
+            item = super().__next__()
         except RuntimeError as e:
             message = self._record.describe(str(e))
             if message is None:
                 raise
             raise WorkerDiedError(message) from None
+        for task in [t for t in self._indices if t < self._rcvd_idx]:  # received: no longer needed for a message
+            del self._indices[task]
+        return item
 
 
 def guarded_loader(dataset: Any, rows: Sequence[dict[str, Any]], **kwargs: Any) -> WorkerGuardedLoader:
