@@ -212,7 +212,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--chunk_size", type=int, default=None, help="tokens projected to the vocabulary at once")
     parser.add_argument("--top", type=int, default=15, help="tokens per moved-token table")
     parser.add_argument("--min_count", type=int, default=5, help="occurrences a token needs to be listed as moved")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", action="store_true", help="no progress lines")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
