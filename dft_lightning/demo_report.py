@@ -15,7 +15,8 @@ trainer (listed before this callback, so its final evaluation has run), with the
 fixed: wrong before and right after; broken: the reverse), validation NLL before and after, and the
 token-probability quantiles and low-probability share before and after, followed by a few sentences on how
 to read them (DFT's NLL can rise while accuracy rises; DFT barely trains tokens that start unlikely) and the
-command of the SFT companion run (``companion``).
+commands of the runs to compare (``companion``: the same text in each of them, e.g. the demo with DFT and with
+SFT).
 
 Not handled here: several processes' shards of an evaluation (the paired counts read rank zero's
 generation files; with ``shard_across_ranks`` they are not paired), runs resumed after the first step (no
@@ -74,7 +75,7 @@ class DemoReport(L.Callback):
     Args:
         rows: validation rows whose supervised tokens make the before/after histogram.
         dirpath: where the report goes (default ``<trainer.log_dir>/report``).
-        companion: a command to print as the run to compare with (e.g. the same demo with SFT).
+        companion: the commands of the runs to compare, printed as given (the demo: with DFT and with SFT).
         plot_command: a command to print that draws this run and the companion in one picture.
     """
 
@@ -231,7 +232,7 @@ class DemoReport(L.Callback):
                 lines.append(f"  {what}: {report[key]}")
         lines.append(f"  numbers: {report['folder']}/report.json")
         if self.companion:
-            lines.append(f"  the same run with SFT: {self.companion}")
+            lines.append(f"  the runs to compare: {self.companion}")
         if self.plot_command:
             lines.append(f"  both runs in one picture: {self.plot_command}")
         return "\n".join(lines)
