@@ -473,25 +473,40 @@ class FineTuneModule(L.LightningModule):
             stats = self.token_stats(mb, tokens.clamp_min(1))
             loss.update(self.objective(stats).loss.detach(), weight=tokens)
             nll.update(stats.token_sum(stats.nll()).detach(), weight=tokens)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=1)
-        self.log(f"{split}/nll", nll, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+        fitting = self.trainer.state.fn == "fit"  # then to the loggers by _log_evaluation, not by Lightning
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=1, logger=not fitting)
+        self.log(f"{split}/nll", nll, on_step=False, on_epoch=True, prog_bar=True, batch_size=1, logger=not fitting)
 
-    def on_validation_epoch_end(self) -> None:
-        """A full sanity pass (``num_sanity_val_steps: -1``) is the step-0 baseline: log it."""
-        trainer = self.trainer
-        if not trainer.sanity_checking or not math.isinf(trainer.num_sanity_val_steps):
-            return
-        baseline = {f"val/{name}": float(self.eval_metrics[f"val_{name}"].compute()) for name in ("loss", "nll")}
-        self._baseline = baseline
+    def _log_evaluation(self, split: str) -> dict[str, float] | None:
+        """The split's loss and NLL, to every logger at ``global_step``: the number of optimizer steps behind the
+        weights they measure, the step of ``train/*`` computed on those weights and of the evaluation callback's
+        accuracies. (Lightning logs a validation at the end of a training batch one step earlier, so curves
+        drawn together would be one step apart.)"""
+        metrics = {name: self.eval_metrics[f"{split}_{name}"] for name in ("loss", "nll")}
+        if not all(m.update_called for m in metrics.values()):
+            return None
+        values = {f"{split}/{name}": float(m.compute()) for name, m in metrics.items()}  # synced across ranks
         if self.global_rank == 0:
             for logger in self.loggers:
-                logger.log_metrics(baseline, step=0)
+                logger.log_metrics(values, step=self.trainer.global_step)
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        """Log a validation during ``fit``; a full sanity pass (``num_sanity_val_steps: -1``) is the baseline
+        before training (or at the resumed step)."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit" or (trainer.sanity_checking and not math.isinf(trainer.num_sanity_val_steps)):
+            return  # validate / test: Lightning logs them (one step); a partial sanity pass: nothing to keep
+        values = self._log_evaluation("val")
+        if trainer.sanity_checking and values is not None:
+            self._baseline = {**values, "step": trainer.global_step}
 
     def on_fit_end(self) -> None:
         baseline = getattr(self, "_baseline", None)
         final = self.trainer.callback_metrics.get("val/nll")
         if baseline and final is not None:
-            rank_zero_info(f"[dft_lightning] held-out val/nll: {baseline['val/nll']:.4f} before training, "
+            when = "before training" if baseline["step"] == 0 else f"at step {baseline['step']} (resumed)"
+            rank_zero_info(f"[dft_lightning] held-out val/nll: {baseline['val/nll']:.4f} {when}, "
                            f"{float(final):.4f} after")
 
     def validation_step(self, batch: list[MicroBatch], batch_idx: int) -> None:

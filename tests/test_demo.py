@@ -39,6 +39,9 @@ def test_demo_trains_logs_and_exports(demo_run):
     assert len(series(rows, "train/nll")) == 2
     val = series(rows, "val/nll")
     assert len(val) == 2  # baseline (sanity pass over the whole held-out split) and after the epoch (2 steps)
+    # each at the number of optimizer steps behind the weights measured, as the evaluation's accuracies
+    steps = {key: sorted({int(r["step"]) for r in rows if r.get(key)}) for key in ("val/nll", "eval/heldout/avg@1")}
+    assert steps == {"val/nll": [0, 2], "eval/heldout/avg@1": [0, 2]}, steps
     assert "held-out val/nll" in result.stderr + result.stdout
     assert list((root / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run written"
 
